@@ -1,0 +1,168 @@
+"""The checkpoint contract: one safetensors file holding a state dict plus everything needed to rebuild it.
+
+String metadata (flat ``str -> str``, structured values JSON-encoded):
+
+- ``rankcut.format``: ``rankcut/1``
+- ``rankcut.arch`` and ``rankcut.arch_kwargs``: the base architecture and its keyword arguments
+- ``rankcut.input``: the input contract (shape, mean, std)
+- ``rankcut.edits``: ordered structural edits since the base (see ``edits.py``)
+- ``rankcut.history``: the commands that produced the file
+
+Loading builds the architecture on the meta device, replays the edits, checks every tensor's name and
+shape against the file's header, and only then builds it for real and loads strictly. Nothing in the
+file is executed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import archs
+from .archs import InputContract
+from .edits import Edit, edit_from_dict, edit_to_dict
+from .errors import RankcutError
+from .fileio import atomic_write, require_file
+from .weights import mismatches
+
+FORMAT = "rankcut/1"
+_MAX_HEADER_TEXT = 16 << 20
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """Everything in a checkpoint except its tensors."""
+
+    arch: str
+    arch_kwargs: dict
+    input: InputContract
+    edits: tuple[Edit, ...] = ()
+    history: tuple[dict, ...] = field(default_factory=tuple)
+
+    def with_edits(self, *edits: Edit) -> "CheckpointMeta":
+        return replace(self, edits=self.edits + tuple(edits))
+
+    def with_history(self, command: str, **details) -> "CheckpointMeta":
+        entry = {"command": command, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 **details}
+        return replace(self, history=self.history + (entry,))
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "rankcut.format": FORMAT,
+            "rankcut.arch": self.arch,
+            "rankcut.arch_kwargs": json.dumps(self.arch_kwargs, sort_keys=True),
+            "rankcut.input": json.dumps(self.input.to_dict()),
+            "rankcut.edits": json.dumps([edit_to_dict(e) for e in self.edits]),
+            "rankcut.history": json.dumps(list(self.history)),
+        }
+
+    @classmethod
+    def from_metadata(cls, md: dict[str, str] | None, path: str) -> "CheckpointMeta":
+        if not md or md.get("rankcut.format") is None:
+            raise RankcutError(
+                f"{path} is not a rankcut checkpoint (no rankcut metadata); "
+                "make one with: rankcut init --arch ARCH --weights FILE -o OUT.safetensors"
+            )
+        if md["rankcut.format"] != FORMAT:
+            raise RankcutError(f"{path} has checkpoint format {md['rankcut.format']!r}; this rankcut reads {FORMAT}")
+        try:
+            kwargs = json.loads(md["rankcut.arch_kwargs"])
+            contract = InputContract.from_dict(json.loads(md["rankcut.input"]))
+            edits = tuple(edit_from_dict(e) for e in _json_list(md["rankcut.edits"]))
+            history = tuple(_json_list(md.get("rankcut.history", "[]")))
+            arch = md["rankcut.arch"]
+        except (KeyError, ValueError, TypeError) as e:
+            raise RankcutError(f"{path} has damaged rankcut metadata ({type(e).__name__}: {e})") from None
+        if not isinstance(kwargs, dict):
+            raise RankcutError(f"{path} has damaged rankcut metadata (arch_kwargs is not an object)")
+        return cls(arch, kwargs, contract, edits, history)
+
+
+def _json_list(text: str) -> list:
+    value = json.loads(text)
+    if not isinstance(value, list):
+        raise ValueError("expected a JSON list")
+    return value
+
+
+def build_model(meta: CheckpointMeta, trusted: bool = False) -> nn.Module:
+    """The module tree the checkpoint describes (base architecture plus edits), with placeholder weights."""
+    model = archs.build(meta.arch, meta.arch_kwargs, trusted=trusted)
+    for edit in meta.edits:
+        edit.apply(model)
+    return model
+
+
+def _header(path: str) -> tuple[dict[str, str] | None, dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    require_file(path, "checkpoint")
+    try:
+        with safe_open(path, framework="pt") as f:
+            md = f.metadata()
+            shapes, dtypes = {}, {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shapes[key] = tuple(sl.get_shape())
+                dtypes[key] = sl.get_dtype()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RankcutError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    if md is not None and sum(len(v) for v in md.values()) > _MAX_HEADER_TEXT:
+        raise RankcutError(f"{path} has implausibly large metadata")
+    return md, shapes, dtypes
+
+
+def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    """The metadata of a rankcut checkpoint, without loading its tensors."""
+    md, _, _ = _header(str(path))
+    return CheckpointMeta.from_metadata(md, str(path))
+
+
+def _check_structure(meta: CheckpointMeta, shapes: dict[str, tuple[int, ...]], path: str, trusted: bool) -> None:
+    """Compare the described module tree with the file's tensors without allocating any memory."""
+    with torch.device("meta"):
+        skeleton = build_model(meta, trusted)
+    problem = mismatches({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes)
+    if problem:
+        raise RankcutError(f"{path} does not match its own description: {problem}")
+
+
+def load_with_meta(path: str | os.PathLike, device: str | torch.device = "cpu",
+                   trusted: bool = False) -> tuple[nn.Module, CheckpointMeta]:
+    """Load a rankcut checkpoint: the model (in eval mode) and its metadata."""
+    path = str(path)
+    md, shapes, _ = _header(path)
+    meta = CheckpointMeta.from_metadata(md, path)
+    _check_structure(meta, shapes, path, trusted)
+    model = build_model(meta, trusted)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise RankcutError(f"{path}: cannot read tensors ({str(e).splitlines()[0][:200]})") from None
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), meta
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", trusted: bool = False) -> nn.Module:
+    """Load a rankcut checkpoint as an ``nn.Module`` in eval mode (see ``load_with_meta`` for metadata)."""
+    return load_with_meta(path, device, trusted)[0]
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as standalone, contiguous CPU tensors (safetensors refuses shared storage)."""
+    model = getattr(model, "module", model)
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save(model: nn.Module, meta: CheckpointMeta, path: str | os.PathLike) -> None:
+    """Write ``model`` with ``meta`` to ``path`` atomically (a temporary file, then a rename)."""
+    tensors = state_tensors(model)
+    metadata = meta.to_metadata()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -1,0 +1,27 @@
+"""The ``rankcut`` command line: one module per command, registered here."""
+
+from __future__ import annotations
+
+import typer
+
+from . import eval as eval_cmd
+from . import finetune, info, init, project, stats
+from .errors import one_line_errors
+
+app = typer.Typer(
+    name="rankcut",
+    help="Compress trained CNNs by rank reduction: init -> stats -> project -> finetune -> eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+for name, fn in [("init", init.init), ("info", info.info), ("stats", stats.stats), ("project", project.project),
+                 ("finetune", finetune.finetune), ("eval", eval_cmd.evaluate)]:
+    app.command(name)(one_line_errors(fn))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,60 @@
+"""``rankcut info``: what a checkpoint holds (architecture, input, size, cost, layers, history)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from torch import nn
+
+from ..checkpoint import load_with_meta
+from ..console import Reporter
+from ..layers import LowRank, is_target_type
+from ..measure import count_macs, count_params
+from .options import Checkpoint, Json, Quiet
+
+
+def layer_rows(model: nn.Module, per_layer_macs: dict[str, int]) -> list[dict]:
+    """One row per conv/linear layer or rank-k pair: name, type, weight shape(s), rank, MACs."""
+    rows = []
+    pair_parts = set()
+    for name, module in model.named_modules():
+        if name in pair_parts or not (is_target_type(module) or isinstance(module, nn.Conv2d)):
+            continue
+        if isinstance(module, LowRank):
+            pair_parts |= {f"{name}.down", f"{name}.up"}
+            shape = [list(module.down.weight.shape), list(module.up.weight.shape)]
+            macs = per_layer_macs.get(f"{name}.down", 0) + per_layer_macs.get(f"{name}.up", 0)
+            rows.append({"name": name, "type": f"LowRank({type(module.down).__name__})", "shape": shape,
+                         "rank": module.rank, "macs": macs})
+        else:
+            rows.append({"name": name, "type": type(module).__name__, "shape": [list(module.weight.shape)],
+                         "rank": None, "macs": per_layer_macs.get(name, 0)})
+    return rows
+
+
+def checkpoint_info(path: str, report: Reporter) -> None:
+    model, meta = load_with_meta(path)
+    macs, per_layer = count_macs(model, meta.input)
+    rows = layer_rows(model, per_layer)
+    data = {"file": path, "arch": meta.arch, "arch_kwargs": meta.arch_kwargs, "input": meta.input.to_dict(),
+            "params": count_params(model), "macs": macs, "layers": rows,
+            "edits": [e.kind for e in meta.edits], "history": list(meta.history)}
+    summary = Table(show_header=False, box=None, title=path, title_justify="left")
+    summary.add_row("arch", f"{meta.arch} {meta.arch_kwargs}")
+    summary.add_row("input", f"{'x'.join(map(str, meta.input.shape))}  mean {meta.input.mean}  std {meta.input.std}")
+    summary.add_row("params", f"{data['params']:,}")
+    summary.add_row("MACs", f"{macs:,} ({macs / 1e9:.3f} G)")
+    summary.add_row("edits", f"{len(meta.edits)}")
+    layers = Table("layer", "type", "weight shape", "rank", "MACs", title="layers", title_justify="left")
+    for r in rows:
+        layers.add_row(r["name"], r["type"], " + ".join("x".join(map(str, s)) for s in r["shape"]),
+                       "" if r["rank"] is None else str(r["rank"]), f"{r['macs']:,}")
+    history = Table("command", "time", "details", title="history", title_justify="left")
+    for h in meta.history:
+        details = ", ".join(f"{k}={v}" for k, v in h.items() if k not in ("command", "time"))
+        history.add_row(str(h.get("command")), str(h.get("time")), details)
+    report.result(data, summary, layers, history)
+
+
+def info(file: Checkpoint, json_out: Json = False, quiet: Quiet = False) -> None:
+    """Show a checkpoint: architecture, input contract, parameters, MACs, per-layer ranks and history."""
+    checkpoint_info(file, Reporter(quiet, json_out))

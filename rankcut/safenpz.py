@@ -1,0 +1,56 @@
+"""Reading ``.npz`` files that may be hostile: no pickles, and no member bigger than it says it is.
+
+``np.load(allow_pickle=False)`` already refuses object arrays, but it trusts the sizes in the file: a
+small zip can declare a huge array (allocated before reading) or decompress to gigabytes. Here every
+member's ``.npy`` header is read first and its declared size is checked against the zip's declared
+uncompressed size and a total cap, before any array is materialised.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+
+import numpy as np
+
+from .errors import RankcutError
+
+MAX_TOTAL_BYTES = int(os.environ.get("RANKCUT_MAX_NPZ_BYTES", 16 << 30))
+
+
+def _declared(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> tuple[str, int]:
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported npy version {version}")
+    if dtype.hasobject:
+        raise RankcutError(f"{path} holds Python objects in {info.filename}; refusing to unpickle")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > info.file_size:
+        raise RankcutError(f"{path}: member {info.filename} declares more data than it holds")
+    return info.filename, nbytes
+
+
+def read_npz(path: str | os.PathLike, max_total_bytes: int = MAX_TOTAL_BYTES) -> dict[str, np.ndarray]:
+    """Every array in the ``.npz`` at ``path``, after checking declared sizes; one-line errors otherwise."""
+    path = str(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if sum(i.file_size for i in infos) > max_total_bytes:
+                raise RankcutError(f"{path} would decompress to more than {max_total_bytes >> 20} MiB; refusing")
+            for info in infos:
+                if not info.filename.endswith(".npy"):
+                    raise RankcutError(f"{path}: unexpected member {info.filename!r}, not an .npz array")
+                _declared(zf, info, path)
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except RankcutError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        raise RankcutError(f"{path} is not a readable .npz file ({type(e).__name__}: {str(e)[:160]})") from None
