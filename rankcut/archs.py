@@ -13,6 +13,8 @@ Three kinds of name, each with JSON-able keyword arguments:
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -24,6 +26,9 @@ from .errors import RankcutError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# One sample of 2**28 values is a 1 GiB float32 tensor: far beyond any CNN input, small enough that a
+# hostile or mistyped contract cannot make ``info`` or ``eval`` allocate without bound.
+MAX_INPUT_ELEMENTS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,15 @@ class InputContract:
     def __post_init__(self):
         if len(self.shape) != 3 or any(int(s) < 1 for s in self.shape):
             raise RankcutError(f"input shape must be C,H,W with positive sizes, got {self.shape}")
+        if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
+            raise RankcutError(f"input shape {self.shape} is implausibly large (over {MAX_INPUT_ELEMENTS:,} values)")
         if len(self.mean) != self.shape[0] or len(self.std) != self.shape[0]:
             raise RankcutError(
                 f"mean and std need one value per channel ({self.shape[0]}), "
                 f"got {len(self.mean)} and {len(self.std)}"
             )
+        if not all(math.isfinite(v) for v in self.mean + self.std):
+            raise RankcutError("mean and std values must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise RankcutError("std values must be positive")
 
@@ -53,8 +62,8 @@ class InputContract:
         try:
             return cls(tuple(int(s) for s in d["shape"]), tuple(float(m) for m in d["mean"]),
                        tuple(float(s) for s in d["std"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise RankcutError(f"malformed input contract: {e}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise RankcutError(f"malformed input contract: {type(e).__name__}: {e}") from None
 
 
 class MnistCNN(nn.Module):
@@ -169,8 +178,13 @@ def build(arch: str, kwargs: dict | None = None, trusted: bool = False) -> nn.Mo
                 raise RankcutError(f"unknown architecture {arch!r}: built-ins are {', '.join(sorted(BUILTINS))}")
             return BUILTINS[name].build(**kwargs)
         return _build_user(arch, kwargs, trusted)
-    except TypeError as e:
-        raise RankcutError(f"cannot build {arch} with arguments {kwargs}: {e}") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError, AssertionError) as e:
+        # Bad keyword arguments surface from builders as any of these (torch's own messages run to many
+        # lines of C++ frames): keep the first line.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        shown = json.dumps(kwargs, sort_keys=True, default=str)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        raise RankcutError(f"cannot build {arch} with arguments {shown}: {first}") from None
 
 
 def _build_user(arch: str, kwargs: dict, trusted: bool) -> nn.Module:

@@ -79,10 +79,14 @@ class CheckpointMeta:
             edits = tuple(edit_from_dict(e) for e in _json_list(md["rankcut.edits"]))
             history = tuple(_json_list(md.get("rankcut.history", "[]")))
             arch = md["rankcut.arch"]
-        except (KeyError, ValueError, TypeError) as e:
-            raise RankcutError(f"{path} has damaged rankcut metadata ({type(e).__name__}: {e})") from None
+        except (KeyError, ValueError, TypeError, RecursionError) as e:
+            # RecursionError: a hostile header can nest JSON arrays millions deep.
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise RankcutError(f"{path} has damaged rankcut metadata ({type(e).__name__}: {first})") from None
         if not isinstance(kwargs, dict):
             raise RankcutError(f"{path} has damaged rankcut metadata (arch_kwargs is not an object)")
+        if not all(isinstance(h, dict) for h in history):
+            raise RankcutError(f"{path} has damaged rankcut metadata (history entries must be objects)")
         return cls(arch, kwargs, contract, edits, history)
 
 
@@ -101,7 +105,7 @@ def build_model(meta: CheckpointMeta, trusted: bool = False) -> nn.Module:
     return model
 
 
-def _header(path: str) -> tuple[dict[str, str] | None, dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+def _header(path: str) -> tuple[dict[str, str] | None, dict[str, tuple[int, ...]], dict[str, str]]:
     require_file(path, "checkpoint")
     try:
         with safe_open(path, framework="pt") as f:
@@ -146,7 +150,10 @@ def load_with_meta(path: str | os.PathLike, device: str | torch.device = "cpu",
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise RankcutError(f"{path}: cannot read tensors ({str(e).splitlines()[0][:200]})") from None
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # names and shapes were checked above; this is a dtype the model cannot take
+        raise RankcutError(f"{path}: tensors do not load into the model ({str(e).strip().splitlines()[-1][:200]})") from None
     return model.to(device).eval(), meta
 
 

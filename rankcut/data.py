@@ -65,7 +65,13 @@ class TensorImages(Dataset):
             raise RankcutError(f"x has {len(x)} samples but y has {len(y)} labels")
         self.x, self.y, self.contract = x, y.long(), contract
         if len(x):
-            fit_to_contract(self._scaled(0), contract)  # fail now, not in a worker, if the shape cannot fit
+            try:
+                fit_to_contract(self._scaled(0), contract)  # fail now, not in a worker, if the shape cannot fit
+            except RankcutError as e:
+                hint = ""
+                if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+                    hint = f" (x has shape {tuple(x.shape)}: if it is N,H,W,C, store it as N,C,H,W)"
+                raise RankcutError(f"{e}{hint}") from None
 
     def _scaled(self, i: int) -> torch.Tensor:
         x = self.x[i]
@@ -159,28 +165,66 @@ def _tensor_file(path: Path, contract: InputContract) -> TensorImages:
     return TensorImages(x, y, contract)
 
 
+# Where torchvision looks under the folder given as its ``root``, to say so when the files are not there.
+_TORCHVISION_LAYOUT = {"MNIST": "MNIST/raw/train-images-idx3-ubyte, ...", "FashionMNIST": "FashionMNIST/raw/...",
+                       "CIFAR10": "cifar-10-batches-py/data_batch_1, ...", "CIFAR100": "cifar-100-python/train, ..."}
+
+
 def _torchvision_set(kind: str, rest: str, contract: InputContract) -> Dataset:
     import torchvision.datasets as tvd
 
     folder, _, split = rest.rpartition(":") if rest.endswith((":train", ":test")) else (rest, "", "train")
     if not folder or not Path(folder).is_dir():
         raise RankcutError(f"{kind}: dataset folder not found: {folder or '(none given)'}")
-    cls = getattr(tvd, TORCHVISION_SETS[kind])
+    name = TORCHVISION_SETS[kind]
+    root = Path(folder)
+    if root.name == name and not (root / name).is_dir():
+        root = root.parent  # the user named torchvision's own subfolder (DIR/MNIST) rather than its root
     try:
-        base = cls(folder, train=split == "train", download=False)
-    except RuntimeError as e:
-        raise RankcutError(f"{kind}: no {TORCHVISION_SETS[kind]} files under {folder} ({e}); this tool never downloads") from None
-    return SmallPILImages(base, contract)
+        base = getattr(tvd, name)(str(root), train=split == "train", download=False)
+    except (RuntimeError, OSError, ValueError, TypeError, AssertionError, IndexError, KeyError, EOFError) as e:
+        # Missing files raise RuntimeError; damaged ones whatever the parser trips on.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise RankcutError(f"{kind}: cannot read {name} under {folder} (torchvision expects "
+                           f"{folder}/{_TORCHVISION_LAYOUT[name]}; this tool never downloads): {first}") from None
+    dataset = SmallPILImages(base, contract)
+    _check_first(dataset)
+    return dataset
+
+
+def _open_image(path: str, mode: str):
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert(mode)
 
 
 def _image_folder(path: Path, contract: InputContract, augment: bool) -> Dataset:
     import torchvision.datasets as tvd
 
+    # Read images in the mode the model takes: grayscale for a 1-channel model (torchvision's default
+    # loader would make every image RGB, which a 1-channel model cannot take).
+    mode = "L" if contract.shape[0] == 1 else "RGB"
     try:
-        base = tvd.ImageFolder(str(path))
+        base = tvd.ImageFolder(str(path), loader=functools.partial(_open_image, mode=mode))
     except (FileNotFoundError, RuntimeError) as e:
         raise RankcutError(f"{path}: not an ImageFolder tree ({e})") from None
-    return PILImages(base, contract, augment)
+    dataset = PILImages(base, contract, augment)
+    _check_first(dataset)
+    return dataset
+
+
+def _check_first(dataset: Dataset) -> None:
+    """Read the first item now, so an image the contract cannot take fails here and not in a worker."""
+    if len(dataset) == 0:
+        return
+    try:
+        with torch.random.fork_rng(devices=[]):  # augmentations draw random numbers: leave the seeded stream alone
+            dataset[0]
+    except RankcutError:
+        raise
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise RankcutError(f"cannot read the first image of the data: {str(e).splitlines()[0][:200]}") from None
 
 
 def open_data(spec: str, contract: InputContract, *, train: bool = False, num_classes: int = 10,

@@ -20,16 +20,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise RankcutError(f"output folder does not exist: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    if path.is_dir():
+        raise RankcutError(f"output {path} is a folder; give a file name")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    except OSError as e:
+        raise RankcutError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # disk full, permissions, ...: the user's to fix, not a bug
+            raise RankcutError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
@@ -44,6 +51,8 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def check_output(output: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> None:
     """Refuse to overwrite one of the command's own inputs unless ``--force`` was given."""
+    if Path(output).is_dir():
+        raise RankcutError(f"output {output} is a folder; give a file name")
     out = Path(output).resolve()
     for item in inputs:
         if item is not None and Path(item).resolve() == out and not force:

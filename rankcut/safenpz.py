@@ -53,4 +53,4 @@ def read_npz(path: str | os.PathLike, max_total_bytes: int = MAX_TOTAL_BYTES) ->
     except RankcutError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, TypeError) as e:
-        raise RankcutError(f"{path} is not a readable .npz file ({type(e).__name__}: {str(e)[:160]})") from None
+        raise RankcutError(f"{path} is not a readable .npz file ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})") from None

@@ -21,7 +21,7 @@ def read_xy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:
             arrays = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise RankcutError(f"{path} is not a readable safetensors file ({str(e)[:160]})") from None
+            raise RankcutError(f"{path} is not a readable safetensors file ({(str(e).splitlines() or [''])[0][:160]})") from None
     if "x" not in arrays:
         raise RankcutError(f"{path} has no tensor named x (found: {', '.join(sorted(arrays)) or 'nothing'})")
     x, y = arrays["x"], arrays.get("y")

@@ -21,7 +21,7 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise RankcutError(f"{path} is not a readable safetensors file ({str(e)[:160]})") from None
+            raise RankcutError(f"{path} is not a readable safetensors file ({(str(e).splitlines() or [''])[0][:160]})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for bad or unsafe pickles
@@ -58,10 +58,22 @@ def mismatches(expected: dict[str, tuple], found: dict[str, tuple]) -> str | Non
 
 
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a state dict from ``path`` into ``model`` strictly; list the first mismatches if it does not fit."""
+    """Load a state dict from ``path`` into ``model`` strictly; list the first mismatches if it does not fit.
+
+    BatchNorm ``num_batches_tracked`` counters may be absent (weights saved before PyTorch 0.4.1, e.g.
+    torchvision's original ImageNet files): they only matter for momentum-free training and are kept as
+    the model has them.
+    """
     state = {_strip(k): v for k, v in _read(Path(path)).items()}
-    problem = mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()},
+    own = model.state_dict()
+    for key, value in own.items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    problem = mismatches({k: tuple(v.shape) for k, v in own.items()},
                          {k: tuple(v.shape) for k, v in state.items()})
     if problem:
         raise RankcutError(f"weights in {path} do not fit the architecture: {problem}")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # names and shapes fit; a dtype that cannot be copied (e.g. complex)
+        raise RankcutError(f"weights in {path} do not load: {str(e).strip().splitlines()[-1][:200]}") from None

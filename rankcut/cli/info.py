@@ -7,8 +7,10 @@ from torch import nn
 
 from ..checkpoint import load_with_meta
 from ..console import Reporter
+from ..errors import RankcutError
 from ..layers import LowRank, is_target_type
 from ..measure import count_macs, count_params
+from .errors import one_line
 from .options import Checkpoint, Json, Quiet
 
 
@@ -33,7 +35,11 @@ def layer_rows(model: nn.Module, per_layer_macs: dict[str, int]) -> list[dict]:
 
 def checkpoint_info(path: str, report: Reporter) -> None:
     model, meta = load_with_meta(path)
-    macs, per_layer = count_macs(model, meta.input)
+    try:
+        macs, per_layer = count_macs(model, meta.input)
+    except RuntimeError as e:  # the recorded input contract does not fit the model
+        raise RankcutError(f"{path}: the model cannot run on its recorded input {meta.input.shape}: "
+                           f"{one_line(str(e))[:160]}") from None
     rows = layer_rows(model, per_layer)
     data = {"file": path, "arch": meta.arch, "arch_kwargs": meta.arch_kwargs, "input": meta.input.to_dict(),
             "params": count_params(model), "macs": macs, "layers": rows,

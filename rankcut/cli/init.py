@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,9 +29,36 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
         raise RankcutError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise RankcutError(f"{what} must be comma-separated whole numbers, got {text!r}") from None
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_size(arch: str, kwargs: dict) -> None:
+    """Refuse, before allocating anything, a built-in architecture whose arguments make it absurdly large."""
+    if not arch.startswith(("torchvision:", "rankcut:")):
+        return  # user code may not build on the meta device; the user wrote it and typed its name
+    with torch.device("meta"):
+        skeleton = archs.build(arch, kwargs)
+    need = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    have = _memory_bytes()
+    if have is not None and need > have:
+        raise RankcutError(f"{arch} with {json.dumps(kwargs, sort_keys=True)} needs {need / 2**30:,.1f} GiB "
+                           f"for its weights; this machine has {have / 2**30:,.1f} GiB")
+
+
 def _contract(arch: str, kwargs: dict, shape: str | None, mean: str | None, std: str | None) -> InputContract:
     default = archs.default_input(arch, kwargs)
-    dims = default.shape if shape is None else tuple(int(v) for v in _floats(shape, "--input"))
+    dims = default.shape if shape is None else _ints(shape, "--input")
     channels = dims[0] if dims else 0
     fallback_mean = default.mean if channels == default.shape[0] else default.mean[:1] * channels
     fallback_std = default.std if channels == default.shape[0] else default.std[:1] * channels
@@ -61,11 +89,14 @@ def init(
     if not isinstance(extra, dict):
         raise RankcutError("--kwargs must be a JSON object, e.g. '{\"width\": 32}'")
     if num_classes is not None:
+        if num_classes < 1:
+            raise RankcutError(f"--num-classes must be at least 1, got {num_classes}")
         extra["num_classes"] = num_classes
     check_output(output, [weights], force)
     if weights is not None:
         require_file(weights, "weights file")
     contract = _contract(arch, extra, input_shape, mean, std)
+    _check_size(arch, extra)
     torch.manual_seed(seed)
     model = archs.build(arch, extra, trusted=True).eval()
     source = "random (seed %d)" % seed
