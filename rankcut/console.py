@@ -13,7 +13,9 @@ class Reporter:
     """One object per command run; only the primary process of a torchrun job prints anything."""
 
     def __init__(self, quiet: bool = False, as_json: bool = False, primary: bool = True):
-        self.out = Console(file=sys.stdout, soft_wrap=True)
+        self.out = Console(file=sys.stdout)
+        if not self.out.is_terminal:
+            self.out.width = 160  # scripts and logs: wide tables, no wrapping in the middle of numbers
         self.err = Console(file=sys.stderr, stderr=True)
         self.primary = primary
         self.as_json = as_json

@@ -61,7 +61,9 @@ def all_reduce_sum_(tensors: list[torch.Tensor], ctx: Context) -> None:
     if not ctx.distributed:
         return
     for t in tensors:
-        td.all_reduce(t, op=td.ReduceOp.SUM)
+        on_device = t.to(ctx.device)  # NCCL reduces GPU tensors only; gloo takes either
+        td.all_reduce(on_device, op=td.ReduceOp.SUM)
+        t.copy_(on_device)
 
 
 def barrier(ctx: Context) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
 from rich.table import Table
 from torch import nn
 
@@ -11,7 +14,8 @@ from ..errors import RankcutError
 from ..layers import LowRank, is_target_type
 from ..measure import count_macs, count_params
 from .errors import one_line
-from .options import Checkpoint, Json, Quiet
+from .options import Json, Quiet
+from .stats import stats_info
 
 
 def layer_rows(model: nn.Module, per_layer_macs: dict[str, int]) -> list[dict]:
@@ -61,6 +65,12 @@ def checkpoint_info(path: str, report: Reporter) -> None:
     report.result(data, summary, layers, history)
 
 
-def info(file: Checkpoint, json_out: Json = False, quiet: Quiet = False) -> None:
-    """Show a checkpoint: architecture, input contract, parameters, MACs, per-layer ranks and history."""
-    checkpoint_info(file, Reporter(quiet, json_out))
+def info(file: Annotated[str, typer.Argument(help="A checkpoint (.safetensors) or statistics file (.npz).",
+                                              show_default=False)],
+         json_out: Json = False, quiet: Quiet = False) -> None:
+    """Show a checkpoint (architecture, input, parameters, MACs, ranks, history) or a statistics file."""
+    report = Reporter(quiet, json_out)
+    if file.endswith(".npz"):
+        stats_info(file, report)
+    else:
+        checkpoint_info(file, report)

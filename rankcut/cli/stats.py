@@ -1,8 +1,102 @@
-"""``rankcut stats``: not implemented yet."""
+"""``rankcut stats``: per-layer output statistics over real batches, written to a ``.npz``."""
 
-from ..errors import RankcutError
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from .. import data as datasets
+from ..checkpoint import load_with_meta
+from ..console import Reporter
+from ..dist import setup, teardown
+from ..fileio import check_output, file_digest
+from ..statsfile import LayerStats, StatsFile, load_stats, save_stats
+from ..stats import collect_moments
+from ..targets import select
+from .options import BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet, Samples, Seed, Workers
+
+SPARK = "▁▂▃▄▅▆▇█"
+LEVELS = (0.90, 0.95, 0.99)
 
 
-def stats() -> None:
-    """Not implemented yet."""
-    raise RankcutError("rankcut stats is not implemented yet")
+def rank_for(values: torch.Tensor, fraction: float) -> int:
+    """The smallest number of leading eigenvalues that keeps ``fraction`` of their sum."""
+    total = values.sum().item()
+    if total <= 0:
+        return 1
+    kept = torch.cumsum(values, 0) / total
+    return int(torch.searchsorted(kept, torch.tensor(fraction - 1e-12, dtype=kept.dtype)).item()) + 1
+
+
+def spectrum(values: torch.Tensor, width: int = 16) -> str:
+    """A small picture of the eigenvalue spectrum: log scale, ``width`` characters."""
+    chunks = torch.tensor_split(values.clamp_min(0), min(width, len(values)))
+    logs = torch.stack([torch.log10(c.mean() + 1e-12) for c in chunks])
+    low, high = logs.min(), logs.max()
+    levels = ((logs - low) / (high - low).clamp_min(1e-12) * (len(SPARK) - 1)).round().long()
+    return "".join(SPARK[i] for i in levels)
+
+
+def summary(stats: StatsFile, title: str) -> tuple[dict, Table]:
+    """The per-layer table shown by ``stats`` and ``info S.npz``, and the same as a dict."""
+    table = Table("layer", "capture", "channels", "positions", *(f"rank@{int(f * 100)}%" for f in LEVELS),
+                  "spectrum (log)", title=title, title_justify="left")
+    rows = []
+    for name, s in stats.layers.items():
+        values = torch.linalg.eigvalsh(s.moments.covariance).flip(0).clamp_min(0)
+        row = {"layer": name, "capture": s.target.capture, "channels": s.channels, "positions": int(s.moments.count),
+               **{f"rank_{int(f * 100)}": rank_for(values, f) for f in LEVELS}}
+        rows.append(row)
+        table.add_row(name, s.target.capture, str(s.channels), f"{row['positions']:,}",
+                      *(str(row[f"rank_{int(f * 100)}"]) for f in LEVELS), spectrum(values))
+    data = {"checkpoint": stats.checkpoint, "samples": stats.samples, "loss": stats.loss, "layers": rows, **stats.info}
+    return data, table
+
+
+def stats(
+    checkpoint: Checkpoint,
+    data: Data,
+    output: Output,
+    samples: Samples = None,
+    layers: Layers = None,
+    exclude: Exclude = None,
+    batch_size: BatchSize = 64,
+    workers: Workers = 0,
+    device: Device = "auto",
+    seed: Seed = 0,
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Measure each target layer's output mean and covariance over the data (one forward pass per batch).
+
+    Under torchrun the data is sharded across processes and the sums are combined; rank 0 writes.
+    """
+    ctx = setup(device)
+    try:
+        report = Reporter(quiet, json_out, ctx.primary)
+        check_output(output, [checkpoint], force)
+        model, meta = load_with_meta(checkpoint, ctx.device)
+        targets = select(model, meta.input, layers, exclude)
+        dataset = datasets.subset(datasets.open_data(data, meta.input, seed=seed), samples, seed)
+        batches = datasets.loader(datasets.shard(dataset, ctx.rank, ctx.world), batch_size, workers)
+        with report.progress() as bar:
+            task = bar.add_task("stats", total=len(batches), info="")
+            moments = collect_moments(model, targets, batches, ctx, lambda: bar.advance(task))
+        result = StatsFile(file_digest(checkpoint), len(dataset), {
+            t.name: LayerStats(t, moments[t.name]) for t in targets}, info={"data": data, "seed": seed})
+        if ctx.primary:
+            save_stats(result, output)
+            summary_data, table = summary(result, f"{output}: {len(dataset):,} samples")
+            report.result({"output": output, **summary_data}, table)
+    finally:
+        teardown(ctx)
+
+
+def stats_info(path: str, report: Reporter) -> None:
+    """``rankcut info S.npz``: the same table ``stats`` printed."""
+    data, table = summary(load_stats(path), path)
+    report.result({"file": path, **data}, table)

@@ -1,0 +1,163 @@
+"""Bases for rank reduction: statistics -> ordered directions plus the predicted loss at every rank.
+
+Every method returns a ``Basis``: ``up`` (C x C) and ``down`` (C x C) whose first k columns/rows give
+the method's rank-k pair ``z' = up_k down_k (z - mu) + mu``, and ``loss[k]``, the predicted loss of
+keeping k directions (``loss[C] == 0``), in the method's own units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import RankcutError
+from .layers import affine_parts
+from .statsfile import LayerStats
+
+
+@dataclass(frozen=True)
+class Basis:
+    """Directions ordered by importance, with the predicted loss of truncating after each."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    mu: torch.Tensor
+    loss: torch.Tensor | None
+    units: str
+
+    def pair(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(up_k, down_k, mu)`` for rank ``k``."""
+        return self.up[:, :k], self.down[:k], self.mu
+
+
+def _canonical(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm columns of ``up`` with their largest entry positive (same product ``up @ down``).
+
+    Makes bases comparable across methods (e.g. fisher with G = I gives exactly pca's pair).
+    """
+    norms = up.norm(dim=0).clamp_min(1e-300)
+    idx = up.abs().argmax(0)
+    signs = torch.sign(up[idx, torch.arange(up.shape[1])])
+    signs[signs == 0] = 1
+    scale = signs / norms
+    return up * scale, down / scale[:, None]
+
+
+def _tail_sums(values: torch.Tensor) -> torch.Tensor:
+    """``out[k] = sum(values[k:])`` for k = 0..len, clipped at zero (rounding makes tiny negatives)."""
+    tail = torch.flip(torch.cumsum(torch.flip(values, [0]), 0), [0])
+    return torch.cat([tail, tail.new_zeros(1)]).clamp_min(0)
+
+
+def _eig_desc(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors of a symmetric matrix, in float64."""
+    values, vectors = torch.linalg.eigh((matrix + matrix.T).double() / 2)
+    return values.flip(0), vectors.flip(1)
+
+
+def _effective(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's effective weight (C x fan-in) and bias (C), pairs multiplied out."""
+    w1, b1, u, b2 = affine_parts(layer)
+    w = w1.detach().double().reshape(w1.shape[0], -1)
+    if u is None:
+        return w, b1.detach().double()
+    u = u.detach().double()
+    return u @ w, u @ b1.detach().double() + b2.detach().double()
+
+
+def _need(stats: LayerStats | None, method: str, grad: bool = False) -> LayerStats:
+    if stats is None:
+        raise RankcutError(f"--method {method} needs statistics: run rankcut stats first and pass --stats")
+    if grad and not stats.grad:
+        raise RankcutError(
+            f"--method {method} needs gradient statistics: rerun rankcut stats with --grad kl (or --grad mse)"
+        )
+    return stats
+
+
+def pca(layer: nn.Module, stats: LayerStats | None, **_) -> Basis:
+    """Top eigenvectors of the output covariance; loss = discarded variance per position."""
+    s = _need(stats, "pca")
+    values, vectors = _eig_desc(s.moments.covariance)
+    up, down = _canonical(vectors, vectors.T)
+    return Basis(up, down, s.moments.mean, _tail_sums(values.clamp_min(0)), "variance")
+
+
+def hessian(layer: nn.Module, stats: LayerStats | None, **_) -> Basis:
+    """Top eigenvectors of H = E[sym(S)^2]: the directions whose removal changes the outputs most."""
+    s = _need(stats, "hessian", grad=True)
+    values, vectors = _eig_desc(s.grad["hessian"] / s.grad["grad_count"].clamp_min(1))
+    up, down = _canonical(vectors, vectors.T)
+    return Basis(up, down, s.moments.mean, _tail_sums(values.clamp_min(0)), "output change")
+
+
+def _sym_power(matrix: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh((matrix + matrix.T).double() / 2)
+    return (vectors * values.clamp_min(floor).pow(power)) @ vectors.T
+
+
+def fisher(layer: nn.Module, stats: LayerStats | None, damping: float = 1e-3, **_) -> Basis:
+    """Minimiser of the Kronecker-factored output change tr(G (I-M) Sigma (I-M)^T) over rank-k M.
+
+    With X = G^(1/2) Sigma^(1/2) and U its left singular vectors: up = G^(-1/2) U, down = U^T G^(1/2),
+    and the predicted loss at rank k is the sum of the discarded squared singular values. G is damped
+    by ``damping`` times its mean eigenvalue so it can be inverted.
+    """
+    s = _need(stats, "fisher", grad=True)
+    g = s.grad["grad_m2"] / s.grad["grad_count"].clamp_min(1)
+    return fisher_from(g, s.moments.covariance, s.moments.mean, damping, "output change")
+
+
+def fisher_from(g: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor, damping: float, units: str) -> Basis:
+    """The fisher basis for an output-gradient covariance ``g`` and activation covariance ``sigma``."""
+    g = g.double()
+    g = g + torch.eye(len(g), dtype=g.dtype) * damping * max(g.trace().item() / len(g), 1e-300)
+    root, inv_root = _sym_power(g, 0.5), _sym_power(g, -0.5)
+    u, svals, _ = torch.linalg.svd(root @ _sym_power(sigma, 0.5))
+    up, down = _canonical(inv_root @ u, u.T @ root)
+    return Basis(up, down, mu.double(), _tail_sums(svals.pow(2)), units)
+
+
+def svd(layer: nn.Module, stats: LayerStats | None, **_) -> Basis:
+    """Data-free: left singular vectors of the weight; the bias passes through untouched."""
+    w, b = _effective(layer)
+    u, svals, _ = torch.linalg.svd(w, full_matrices=True)
+    values = torch.zeros(len(w), dtype=torch.float64)
+    values[: len(svals)] = svals.pow(2)
+    up, down = _canonical(u, u.T)
+    return Basis(up, down, b, _tail_sums(values), "weight energy")
+
+
+def l1(layer: nn.Module, stats: LayerStats | None, **_) -> Basis:
+    """Keep the filters with the largest L1 norm; dropped channels output their data mean."""
+    s = _need(stats, "l1")
+    w, _ = _effective(layer)
+    norms = w.abs().sum(1)
+    order = torch.argsort(norms, descending=True)
+    select = torch.eye(len(w), dtype=torch.float64)[:, order]
+    return Basis(select, select.T, s.moments.mean, _tail_sums(norms[order]), "filter L1 norm")
+
+
+def random(layer: nn.Module, stats: LayerStats | None, seed: int = 0, **_) -> Basis:
+    """A seeded random orthonormal basis (the floor every other method should beat)."""
+    w, b = _effective(layer)
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(w), len(w), generator=g, dtype=torch.float64))
+    mu = stats.moments.mean if stats is not None else b
+    return Basis(q, q.T, mu, None, "none")
+
+
+METHODS = {"pca": pca, "hessian": hessian, "fisher": fisher, "svd": svd, "l1": l1, "random": random}
+DATA_FREE = {"svd", "random"}
+
+
+def kept_variance(basis_up: torch.Tensor, basis_down: torch.Tensor, stats: LayerStats) -> float:
+    """Fraction of the layer's output variance the pair keeps: 1 - tr(E Sigma E^T) / tr(Sigma), E = I - up down."""
+    sigma = stats.moments.covariance
+    total = sigma.trace().item()
+    if total <= 0:
+        return 1.0
+    e = torch.eye(len(sigma), dtype=torch.float64) - basis_up.double() @ basis_down.double()
+    return 1.0 - (e @ sigma @ e.T).trace().item() / total

@@ -1,0 +1,77 @@
+"""Apply bases to a model: fold BatchNorms, replace targets by rank-k pairs, and report what changed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .edits import Edit, FoldBatchNorm, LowRankPair, get_module, set_module
+from .errors import RankcutError
+from .layers import LowRank, current_rank, pair_saves, project_layer
+from .methods import METHODS, kept_variance
+from .statsfile import LayerStats
+from .targets import Target
+
+
+@dataclass
+class LayerReport:
+    """What happened to one selected layer."""
+
+    layer: str
+    old_rank: int
+    new_rank: int
+    status: str
+    kept_variance: float | None = None
+    predicted_loss: float | None = None
+    loss_units: str = ""
+    macs_before: int = 0
+    macs_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_cost(model: nn.Module, name: str, per_layer_macs: dict[str, int]) -> tuple[int, int]:
+    """(MACs, parameters) of one target layer or pair, from a per-leaf MACs table."""
+    module = get_module(model, name)
+    params = sum(p.numel() for p in module.parameters())
+    if isinstance(module, LowRank):
+        return per_layer_macs.get(f"{name}.down", 0) + per_layer_macs.get(f"{name}.up", 0), params
+    return per_layer_macs.get(name, 0), params
+
+
+def project_model(model: nn.Module, targets: list[Target], stats: dict[str, LayerStats], method: str,
+                  ranks: dict[str, int], *, only_if_saves: bool = True, **options) -> tuple[list[Edit], list[LayerReport]]:
+    """Rank-reduce each target in place to ``ranks[name]`` with ``method``; return the edits and a report.
+
+    A target where the asked rank would not save MACs is left whole (with ``only_if_saves``), and so is
+    its BatchNorm. ``options`` go to the method (``damping``, ``seed``).
+    """
+    if method not in METHODS:
+        raise RankcutError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    edits: list[Edit] = []
+    reports: list[LayerReport] = []
+    for target in targets:
+        layer = get_module(model, target.name)
+        old, k = current_rank(layer), ranks[target.name]
+        if only_if_saves and not pair_saves(layer, k):
+            reports.append(LayerReport(target.name, old, old, f"whole: rank {k} would not save MACs"))
+            continue
+        if target.bn and not isinstance(get_module(model, target.bn), nn.Identity):
+            fold = FoldBatchNorm(target.name, target.bn)
+            fold.apply(model)
+            edits.append(fold)
+            layer = get_module(model, target.name)
+        layer_stats = stats.get(target.name)
+        basis = METHODS[method](layer, layer_stats, **options)
+        up, down, mu = basis.pair(k)
+        set_module(model, target.name, project_layer(layer, up, down, mu))
+        edits.append(LowRankPair(target.name, k))
+        reports.append(LayerReport(
+            target.name, old, k, "projected",
+            kept_variance=None if layer_stats is None else kept_variance(up, down, layer_stats),
+            predicted_loss=None if basis.loss is None else float(basis.loss[k]), loss_units=basis.units))
+    return edits, reports

@@ -1,0 +1,155 @@
+"""Hook-based accumulation of per-layer output statistics, one forward pass per batch for all layers.
+
+Per layer we keep the sample count, mean and centred scatter matrix (``m2``) of the output channels,
+in float64: exact to merge (parallel-axis formula), so shards, files and processes combine. Memory does
+not grow with the data: only sums are kept, never activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .dist import Context, all_reduce_sum_
+from .errors import RankcutError
+from .targets import Target
+
+
+@dataclass
+class Moments:
+    """Count, mean and centred scatter of a layer's output channels (float64, exact to merge)."""
+
+    count: float
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def empty(cls, channels: int) -> "Moments":
+        return cls(0.0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, channels, dtype=torch.float64))
+
+    @classmethod
+    def of(cls, out: torch.Tensor) -> "Moments":
+        """The moments of one layer output (N, C, *spatial): every sample and position is an observation."""
+        acc = ShiftedSums()
+        acc.add(out)
+        return acc.moments()
+
+    def merge(self, other: "Moments") -> "Moments":
+        """The moments of the union of both samples (parallel-axis formula)."""
+        n = self.count + other.count
+        if n == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + torch.outer(delta, delta) * (self.count * other.count / n)
+        return Moments(n, mean, m2)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.m2 / max(self.count, 1.0)
+
+    def all_reduce(self, ctx: Context) -> "Moments":
+        """Combine the moments of every process's shard into those of all the data."""
+        if not ctx.distributed:
+            return self
+        total = torch.tensor([self.count], dtype=torch.float64)
+        weighted = self.mean * self.count
+        all_reduce_sum_([total, weighted], ctx)
+        mean = weighted / max(total.item(), 1.0)
+        d = self.mean - mean
+        m2 = self.m2 + torch.outer(d, d) * self.count
+        all_reduce_sum_([m2], ctx)
+        return Moments(total.item(), mean, m2)
+
+
+def _observations(out: torch.Tensor) -> torch.Tensor:
+    """A layer output as (N, C, positions) without copying."""
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+class ShiftedSums:
+    """Running sums of a layer's outputs around a fixed per-channel shift (the first batch's mean).
+
+    Subtracting a shift close to the mean before the scatter product keeps float32 products accurate;
+    the sums are kept in float64 and turned into exact moments at the end. Per batch this costs one
+    subtraction, one batched matrix product and one sum over the activations.
+    """
+
+    def __init__(self):
+        self.shift: torch.Tensor | None = None
+        self.count = 0
+        self.first: torch.Tensor | None = None
+        self.second: torch.Tensor | None = None
+
+    def add(self, out: torch.Tensor) -> None:
+        x = _observations(out[:, :, None] if out.dim() == 2 else out)
+        if self.shift is None:
+            self.shift = x.mean((0, 2), keepdim=True)
+            self.first = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.second = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        centred = x - self.shift
+        self.count += x.shape[0] * x.shape[2]
+        self.first += centred.sum((0, 2)).double()
+        flat = centred[:, :, 0] if x.shape[2] == 1 else None
+        scatter = flat.T @ flat if flat is not None else torch.bmm(centred, centred.transpose(1, 2)).sum(0)
+        self.second += scatter.double()
+
+    def finite(self) -> bool:
+        """False once a NaN or Inf has reached the sums (they propagate, so this catches every one)."""
+        return bool(torch.isfinite(self.first).all() and torch.isfinite(self.second).all())
+
+    def moments(self) -> Moments:
+        if self.shift is None:
+            raise ValueError("no observations")
+        n = float(self.count)
+        mean = self.shift.reshape(-1).double() + self.first / n
+        return Moments(n, mean.cpu(), (self.second - torch.outer(self.first, self.first) / n).cpu())
+
+
+@contextmanager
+def hooks(model: nn.Module, names: dict[str, str], fn) -> Iterator[None]:
+    """Call ``fn(layer_name, output)`` whenever the module ``names[layer_name]`` produces an output.
+
+    ``fn`` may return a replacement output (as a forward hook may). Hooks are always removed.
+    """
+    handles = []
+    try:
+        for layer, capture in names.items():
+            module = model.get_submodule(capture)
+            handles.append(module.register_forward_hook(lambda _, __, out, layer=layer: fn(layer, out)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_moments(model: nn.Module, targets: list[Target], batches, ctx: Context,
+                    advance=lambda: None) -> dict[str, Moments]:
+    """Output moments of every target over all ``batches``, in one forward pass per batch."""
+    acc = {t.name: ShiftedSums() for t in targets}
+
+    def observe(layer, out):
+        acc[layer].add(out.detach())
+        if not acc[layer].finite():
+            raise RankcutError(f"layer {layer} produced NaN or Inf on the data; statistics would be meaningless")
+
+    model.eval()
+    with hooks(model, {t.name: t.capture for t in targets}, observe), torch.inference_mode():
+        for x, _ in batches:
+            model(x.to(ctx.device, non_blocking=True))
+            advance()
+    missing = [name for name, a in acc.items() if a.shift is None]
+    if missing and not ctx.distributed:
+        raise RankcutError(f"layers never ran on the data: {', '.join(missing)}")
+    return {t.name: (_empty_like(model, t) if t.name in missing else acc[t.name].moments()).all_reduce(ctx)
+            for t in targets}
+
+
+def _empty_like(model: nn.Module, target: Target) -> Moments:
+    from .layers import out_width
+
+    return Moments.empty(out_width(model.get_submodule(target.name)))

@@ -1,0 +1,131 @@
+"""The statistics contract: a ``.npz`` of per-layer float64 accumulators plus JSON metadata.
+
+Arrays, for each target layer ``L``: ``L/count`` (positions seen), ``L/mean`` (C), ``L/m2`` (C x C centred
+scatter). With gradient statistics (``stats --grad``) also ``L/grad_count`` (samples x probes),
+``L/hessian`` (C x C, the sum of ``sym(S)^2``) and ``L/grad_m2`` (C x C, the sum of ``g g^T``).
+``__meta__`` is a one-element string array holding JSON: format, checkpoint digest, samples, loss,
+layers (name, capture point, channels). Everything loads with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from .errors import RankcutError
+from .fileio import atomic_write, require_file
+from .safenpz import read_npz
+from .stats import Moments
+from .targets import Target
+
+FORMAT = "rankcut-stats/1"
+GRAD_KEYS = ("grad_count", "hessian", "grad_m2")
+
+
+@dataclass
+class LayerStats:
+    """Everything measured at one target layer."""
+
+    target: Target
+    moments: Moments
+    grad: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return self.moments.mean.shape[0]
+
+
+@dataclass
+class StatsFile:
+    """A whole statistics file: per-layer statistics and where they came from."""
+
+    checkpoint: str
+    samples: int
+    layers: dict[str, LayerStats]
+    loss: str | None = None
+    info: dict = field(default_factory=dict)
+
+    def merge(self, other: "StatsFile") -> "StatsFile":
+        """Statistics of both files' data together (same checkpoint and layers): exact up to rounding."""
+        if other.checkpoint != self.checkpoint or other.layers.keys() != self.layers.keys() or other.loss != self.loss:
+            raise RankcutError("cannot merge statistics of different checkpoints, layers or losses")
+        merged = {}
+        for name, a in self.layers.items():
+            b = other.layers[name]
+            grad = {k: a.grad[k] + b.grad[k] for k in a.grad}
+            merged[name] = LayerStats(a.target, a.moments.merge(b.moments), grad)
+        return replace(self, samples=self.samples + other.samples, layers=merged)
+
+
+def save_stats(stats: StatsFile, path: str | os.PathLike) -> None:
+    """Write ``stats`` to ``path`` atomically."""
+    meta = {"format": FORMAT, "checkpoint": stats.checkpoint, "samples": stats.samples, "loss": stats.loss,
+            "layers": [{"name": s.target.name, "bn": s.target.bn, "channels": s.channels} for s in stats.layers.values()],
+            **stats.info}
+    arrays = {"__meta__": np.array([json.dumps(meta)])}
+    for name, s in stats.layers.items():
+        arrays[f"{name}/count"] = np.array(s.moments.count, dtype=np.float64)
+        arrays[f"{name}/mean"] = s.moments.mean.numpy()
+        arrays[f"{name}/m2"] = s.moments.m2.numpy()
+        for key, value in s.grad.items():
+            arrays[f"{name}/{key}"] = value.double().numpy()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def _array(arrays: dict, key: str, shape: tuple[int, ...], path: str) -> torch.Tensor:
+    if key not in arrays:
+        raise RankcutError(f"{path} is missing the array {key}")
+    a = arrays[key]
+    if a.shape != shape or a.dtype != np.float64:
+        raise RankcutError(f"{path}: {key} has shape {a.shape} ({a.dtype}), expected {shape} (float64)")
+    if not np.isfinite(a).all():
+        raise RankcutError(f"{path}: {key} holds NaN or Inf")
+    return torch.from_numpy(np.array(a))
+
+
+def _meta(arrays: dict, path: str) -> dict:
+    raw = arrays.get("__meta__")
+    if raw is None or raw.shape != (1,) or raw.dtype.kind != "U":
+        raise RankcutError(f"{path} is not a rankcut statistics file (no metadata); make one with rankcut stats")
+    try:
+        meta = json.loads(str(raw[0]))
+    except ValueError:
+        raise RankcutError(f"{path} has damaged metadata") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RankcutError(f"{path} is not a {FORMAT} statistics file")
+    return meta
+
+
+def load_stats(path: str | os.PathLike) -> StatsFile:
+    """Read and validate a statistics file (never unpickles; every array's shape is checked)."""
+    path = str(path)
+    require_file(path, "statistics file")
+    arrays = read_npz(path)
+    meta = _meta(arrays, path)
+    layers = {}
+    try:
+        loss, digest, samples = meta["loss"], str(meta["checkpoint"]), int(meta["samples"])
+        entries = [(str(e["name"]), e["bn"], int(e["channels"])) for e in meta["layers"]]
+    except (KeyError, TypeError, ValueError):
+        raise RankcutError(f"{path} has damaged metadata") from None
+    for name, bn, c in entries:
+        if c < 1:
+            raise RankcutError(f"{path}: layer {name} declares {c} channels")
+        count = float(_array(arrays, f"{name}/count", (), path))
+        moments = Moments(count, _array(arrays, f"{name}/mean", (c,), path), _array(arrays, f"{name}/m2", (c, c), path))
+        grad = {}
+        if loss is not None:
+            grad["grad_count"] = _array(arrays, f"{name}/grad_count", (), path)
+            grad |= {k: _array(arrays, f"{name}/{k}", (c, c), path) for k in GRAD_KEYS[1:]}
+        layers[name] = LayerStats(Target(name, bn if isinstance(bn, str) else None), moments, grad)
+    info = {k: v for k, v in meta.items() if k not in ("format", "checkpoint", "samples", "loss", "layers")}
+    return StatsFile(digest, samples, layers, loss, info)

@@ -1,0 +1,43 @@
+"""``torchrun --nproc_per_node 2 rankcut stats`` (gloo, CPU) equals the single-process statistics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rankcut.safenpz import read_npz
+
+
+def rankcut(*args, nproc: int = 1, env=None) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "rankcut.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "rankcut.cli"]
+    return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.mark.slow
+def test_two_process_stats_equal_single_process(tmp_path):
+    ckpt = tmp_path / "base.safetensors"
+    assert rankcut("init", "--arch", "rankcut:small-resnet", "-o", ckpt).returncode == 0
+    g = torch.Generator().manual_seed(0)
+    # 37 samples: neither the two shards nor the batches divide evenly.
+    np.savez(tmp_path / "data.npz", x=torch.rand(37, 1, 28, 28, generator=g).numpy())
+    single, double = tmp_path / "one.npz", tmp_path / "two.npz"
+    r = rankcut("stats", ckpt, "--data", tmp_path / "data.npz", "-b", "5", "--device", "cpu", "-o", single)
+    assert r.returncode == 0, r.stderr
+    r = rankcut("stats", ckpt, "--data", tmp_path / "data.npz", "-b", "5", "--device", "cpu", "-o", double, nproc=2)
+    assert r.returncode == 0, r.stderr
+    a, b = read_npz(single), read_npz(double)
+    assert a.keys() == b.keys()
+    assert a["stem/count"] == b["stem/count"] == 37 * 28 * 28
+    for key in a:
+        if key == "__meta__":
+            continue
+        err = np.linalg.norm(a[key] - b[key]) / max(np.linalg.norm(a[key]), 1e-30)
+        assert err < 1e-6, f"{key}: relative difference {err:.2e}"
+    assert not list(tmp_path.glob("*.part")), "only rank 0 writes, atomically"
