@@ -1,0 +1,103 @@
+"""What halving every target's rank buys: MACs, parameters, CPU latency, and fine-tuning throughput.
+
+For ``torchvision:resnet18`` (3x224x224) and ``rankcut:mnist-cnn`` (1x28x28), random weights: the original
+against a copy where every default target (all convs/linears but the output layer) is projected to half
+its rank with the data-free ``svd`` method. Layers where half the rank would not save MACs (e.g. ResNet's
+1x1 downsampling convs, which widen) stay whole, as ``rankcut project`` leaves them. The basis does not
+change cost, so an SVD stands in for the data-driven methods here; accuracy is not measured.
+
+    python bench/bench_finetune_eval.py [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from rankcut import archs
+from rankcut.checkpoint import CheckpointMeta
+from rankcut.data import open_data
+from rankcut.dist import Context
+from rankcut.evaluate import output_classes
+from rankcut.latency import measure_latency
+from rankcut.layers import current_rank
+from rankcut.measure import count_macs, count_params
+from rankcut.project import project_model
+from rankcut.targets import select
+from rankcut.train import TrainConfig, fit
+
+CASES = {  # arch: (fine-tuning batch size, synthetic images per fine-tuning epoch)
+    "torchvision:resnet18": (16, 64),
+    "rankcut:mnist-cnn": (64, 2048),
+}
+
+
+def halved(model: torch.nn.Module, meta: CheckpointMeta) -> torch.nn.Module:
+    """``model`` with every default target projected to half its rank (SVD basis)."""
+    targets = select(model, meta.input)
+    ranks = {t.name: max(1, round(0.5 * current_rank(model.get_submodule(t.name)))) for t in targets}
+    project_model(model, targets, {}, "svd", ranks)
+    return model
+
+
+def paired_latency(a: torch.nn.Module, b: torch.nn.Module, meta: CheckpointMeta, batch: int,
+                   rounds: int = 7) -> tuple[float, float]:
+    """Median latency of ``a`` and ``b``, measured in alternating rounds so that load from other
+    processes on the machine hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for model, out in zip((a, b), times):
+            out.append(measure_latency(model, meta.input, batch, torch.device("cpu"), min_seconds=0.3)["batch_ms"])
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def train_throughput(model: torch.nn.Module, meta: CheckpointMeta, batch: int, images: int) -> float:
+    """Images per second of the second of two fine-tuning epochs on synthetic data (the first warms up)."""
+    classes = output_classes(model, meta.input)
+    data = open_data(f"synthetic:{images}", meta.input, train=True, num_classes=classes)
+    summaries = fit(model, data, TrainConfig(epochs=2, batch_size=batch), Context(0, 1, torch.device("cpu")),
+                    classes=classes)
+    return summaries[-1].images_per_s
+
+
+def measure(arch: str) -> list[tuple[str, float, float]]:
+    """(figure, original, compressed) rows for one architecture."""
+    meta = CheckpointMeta(arch, {}, archs.default_input(arch, {}))
+    torch.manual_seed(0)
+    original = archs.build(arch).eval()
+    compressed = halved(archs.build(arch).eval(), meta)
+    rows = []
+    for label, fn in [("MACs", lambda m: count_macs(m, meta.input)[0]), ("params", count_params)]:
+        rows.append((label, fn(original), fn(compressed)))
+    for batch in (1, 32):
+        rows.append((f"latency ms, batch {batch}", *paired_latency(original, compressed, meta, batch)))
+    batch, images = CASES[arch]
+    rows.append((f"fine-tune img/s, batch {batch}",
+                 *(train_throughput(m, meta, batch, images) for m in (original, compressed))))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    table = Table("model", "figure", "original", "rank x0.5 (svd)", "ratio",
+                  title=f"Rank 0.5 of every target; CPU, {args.threads} threads, torch {torch.__version__}")
+    for arch in CASES:
+        start = time.perf_counter()
+        for label, a, b in measure(arch):
+            fmt = "{:,.0f}" if label in ("MACs", "params") else "{:,.2f}"
+            table.add_row(arch.partition(":")[2], label, fmt.format(a), fmt.format(b), f"{b / a:.3f}")
+        table.add_section()
+        Console(stderr=True).print(f"{arch}: {time.perf_counter() - start:.0f} s")
+    Console(width=120).print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Accuracy, top-k, cross-entropy, and agreement/KL against a reference, as sums that merge exactly.
+
+Every figure is a float64 sum over samples (see ``SUMS``), so shards evaluated by different processes
+add up to the single-process result; ``summarize`` turns the sums into means. Samples labelled
+``UNLABELED`` count towards agreement and KL but not towards accuracy or cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from . import dist
+from .archs import InputContract
+from .data import UNLABELED, loader, shard
+from .errors import RankcutError
+
+SUMS = ("samples", "labeled", "top1", "topk", "ce", "ref_top1", "ref_topk", "ref_ce", "agree", "kl")
+TOP_K = 5
+
+
+def output_classes(model: nn.Module, contract: InputContract) -> int:
+    """How many classes the model scores: the width of its output for one zero image."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *contract.shape, device=device))
+    except RuntimeError as e:
+        raise RankcutError(f"the model cannot run on input {contract.shape}: {str(e).splitlines()[0][:160]}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise RankcutError("the model must return a batch of logits (N x classes)")
+    return out.shape[1]
+
+
+def known_labels(dataset: Dataset) -> torch.Tensor | None:
+    """All labels of a dataset when they are held in memory (tensor files, ImageFolder, torchvision sets)."""
+    if isinstance(dataset, Subset):
+        base = known_labels(dataset.dataset)
+        return None if base is None else base[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for holder in (dataset, getattr(dataset, "base", None)):
+        for attr in ("y", "targets"):
+            labels = getattr(holder, attr, None)
+            if labels is not None:
+                return torch.as_tensor(labels, dtype=torch.long)
+    return None
+
+
+def check_labels(labels: torch.Tensor, classes: int, need_labels: bool, what: str) -> None:
+    """Refuse labels the model cannot predict, and unlabelled samples where labels are needed."""
+    if labels.numel() == 0:
+        return
+    bad = labels[(labels >= classes) | (labels < UNLABELED)]
+    if bad.numel():
+        raise RankcutError(f"{what} has label {int(bad[0])}, outside the model's {classes} classes (0..{classes - 1})")
+    if need_labels and bool((labels == UNLABELED).any()):
+        raise RankcutError(f"{what} has unlabelled samples; train on them only by pure distillation "
+                           "(--teacher T.safetensors --kd-alpha 1)")
+
+
+def check_dataset_labels(dataset: Dataset, classes: int, need_labels: bool, what: str) -> None:
+    """Check every label before any work starts, where the labels are known without loading images."""
+    labels = known_labels(dataset)
+    if labels is not None:
+        check_labels(labels, classes, need_labels, what)
+
+
+def batch_sums(logits: torch.Tensor, labels: torch.Tensor, k: int,
+               ref_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``SUMS`` of one batch as a float64 vector on the logits' device (no host synchronisation)."""
+    labels = labels.to(logits.device)
+    labeled = labels != UNLABELED
+    safe = labels.clamp(min=0)  # unlabelled rows are masked out below; any valid index keeps gather happy
+
+    def scores(z: torch.Tensor) -> list[torch.Tensor]:
+        z = z.double()
+        top = z.topk(k, dim=1).indices
+        hit1 = (top[:, 0] == labels) & labeled
+        hitk = (top == labels[:, None]).any(dim=1) & labeled
+        ce = nn.functional.cross_entropy(z, safe, reduction="none")
+        return [hit1.sum().double(), hitk.sum().double(), torch.where(labeled, ce, 0.0).sum()]
+
+    zero = logits.new_zeros((), dtype=torch.float64)
+    parts = [zero + len(labels), labeled.sum().double(), *scores(logits)]
+    if ref_logits is None:
+        parts += [zero] * 5
+    else:
+        log_p, log_q = ref_logits.double().log_softmax(1), logits.double().log_softmax(1)
+        agree = (logits.argmax(1) == ref_logits.argmax(1)).sum().double()
+        parts += [*scores(ref_logits), agree, (log_p.exp() * (log_p - log_q)).sum()]
+    return torch.stack(parts)
+
+
+def summarize(sums: torch.Tensor, k: int, with_reference: bool) -> dict:
+    """Means from ``SUMS``: top-1, top-k, cross-entropy (None without labels), and the reference figures."""
+    s = dict(zip(SUMS, sums.tolist()))
+    n, m = int(s["samples"]), int(s["labeled"])
+
+    def mean(key: str, over: int) -> float | None:
+        return s[key] / over if over else None
+
+    out = {"samples": n, "labeled": m, "k": k, "top1": mean("top1", m), "top5": mean("topk", m),
+           "loss": mean("ce", m)}
+    if with_reference:
+        out["reference"] = {"top1": mean("ref_top1", m), "top5": mean("ref_topk", m), "loss": mean("ref_ce", m)}
+        out["agreement"], out["kl"] = mean("agree", n), mean("kl", n)
+    return out
+
+
+def evaluate(model: nn.Module, dataset: Dataset, classes: int, *, device: torch.device, batch_size: int,
+             workers: int = 0, reference: nn.Module | None = None, ctx: dist.Context | None = None,
+             progress=None) -> dict:
+    """Evaluate ``model`` (and ``reference``) on ``dataset``; under torchrun each process takes a shard."""
+    ctx = ctx or dist.Context(0, 1, device)
+    part = shard(dataset, ctx.rank, ctx.world)
+    k = min(TOP_K, classes)
+    sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
+    models = [m for m in (model, reference) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        if len(part):
+            batches = loader(part, batch_size, workers)
+            task = progress.add_task("evaluating", total=len(batches), info="") if progress else None
+            with torch.inference_mode():
+                for x, y in batches:
+                    check_labels(y, classes, False, "the evaluation data")
+                    x = x.to(device)
+                    ref = reference(x).float() if reference is not None else None
+                    sums += batch_sums(model(x).float(), y, k, ref)
+                    if task is not None:
+                        progress.update(task, advance=1)
+            if task is not None:
+                progress.remove_task(task)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    dist.all_reduce_sum_([sums], ctx)
+    return summarize(sums, k, reference is not None)

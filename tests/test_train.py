@@ -1,0 +1,209 @@
+"""``rankcut finetune`` and ``rankcut.train``: schedule, distillation loss, training from scratch, recovery
+after projection, distillation on unlabelled data, and the failure modes (NaN, bad labels, bad files)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rankcut.checkpoint import load_with_meta, read_meta, save
+from rankcut.cli import app
+from rankcut.data import open_data
+from rankcut.dist import Context
+from rankcut.edits import LowRankPair, get_module, ranks, set_module
+from rankcut.errors import RankcutError
+from rankcut.layers import project_layer
+from rankcut.train import DistillationLoss, TrainConfig, fit, lr_at
+
+RECIPE = ["--optimizer", "adamw", "--lr", "2e-3", "-b", "32", "--device", "cpu"]
+
+
+def rankcut(*args, fails: bool = False):
+    """Run the CLI in-process; on success return the parsed --json result, on failure the one error line."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    shown = f"rankcut {' '.join(map(str, args))}\n{result.stdout}\n{result.stderr}"
+    if fails:
+        lines = result.stderr.splitlines()
+        assert result.exit_code != 0 and result.stdout == "" and len(lines) == 1, shown
+        assert lines[0].startswith("error: ") and "Traceback" not in result.stderr, shown
+        return lines[0]
+    assert result.exit_code == 0, shown
+    return json.loads(result.stdout) if "--json" in args else result
+
+
+def digits_npz(path, n: int, labels: bool = True, offset: int = 0):
+    """The first ``n`` mnist5k training digits as a tensor file, with or without labels."""
+    from rankcut.archs import MNIST
+
+    digits = open_data("mnist5k:train", MNIST)
+    arrays = {"x": digits.x[offset:offset + n].numpy()}
+    if labels:
+        arrays["y"] = digits.y[offset:offset + n].numpy()
+    np.savez(path, **arrays)
+    return path
+
+
+def svd_project(path_in, path_out, layer_ranks: dict[str, int]) -> dict[str, int]:
+    """A projected checkpoint without ``rankcut project``: truncated-SVD bases of the weights, as edits."""
+    model, meta = load_with_meta(path_in)
+    edits = []
+    for name, rank in layer_ranks.items():
+        layer = get_module(model, name)
+        u = torch.linalg.svd(layer.weight.detach().flatten(1).double(), full_matrices=False).U[:, :rank]
+        set_module(model, name, project_layer(layer, u, u.T, torch.zeros(u.shape[0])))
+        edits.append(LowRankPair(name, rank))
+    save(model, meta.with_edits(*edits), path_out)
+    return ranks(model)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``init`` + one epoch of ``finetune`` of mnist-cnn on mnist5k:train (4,000 digits)."""
+    folder = tmp_path_factory.mktemp("trained")
+    rankcut("init", "--arch", "rankcut:mnist-cnn", "--seed", "0", "-o", folder / "init.safetensors")
+    rankcut("finetune", folder / "init.safetensors", "--data", "mnist5k:train", *RECIPE,
+            "-o", folder / "tuned.safetensors", "--json")
+    return folder / "tuned.safetensors"
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
+    lrs = [lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
+    assert lr_at(0, 5, 0.1, 0) == pytest.approx(0.1)
+
+
+def test_distillation_loss_blends_cross_entropy_and_scaled_kl():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    ce = torch.nn.functional.cross_entropy(s, y)
+    temp = 3.0
+    p = (t / temp).softmax(1)
+    kl = (p * (p.log() - (s / temp).log_softmax(1))).sum(1).mean() * temp ** 2
+    parts = DistillationLoss(0.25, temp)(s, y, t)
+    torch.testing.assert_close(parts["ce"], ce)
+    torch.testing.assert_close(parts["kd"], kl)
+    torch.testing.assert_close(parts["loss"], 0.75 * ce + 0.25 * kl)
+    pure = DistillationLoss(1.0, temp)(s, torch.full((6,), -1), t)
+    assert "ce" not in pure and torch.isfinite(pure["loss"])
+    assert DistillationLoss(1.0, temp)(t, y, t)["loss"].abs() < 1e-6
+    assert torch.equal(DistillationLoss(0.0)(s, y)["loss"], ce)
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("lr", -1.0), ("optimizer", "lion"), ("warmup", 1.0),
+                                         ("kd_alpha", 1.5), ("momentum", 1.0), ("lr", math.nan)])
+def test_config_refuses_bad_values(field, value):
+    with pytest.raises(RankcutError):
+        TrainConfig(**{field: value})
+
+
+def test_fit_saves_every_n_epochs_and_at_the_end():
+    from rankcut.archs import MNIST, MnistCNN
+
+    data = open_data("synthetic:64", MNIST, num_classes=10)
+    calls = []
+    fit(MnistCNN(), data, TrainConfig(epochs=3, save_every=2, batch_size=32), Context(0, 1, torch.device("cpu")),
+        classes=10, save=lambda model, summaries: calls.append(summaries[-1].epoch))
+    assert calls == [2, 3]
+
+
+@pytest.mark.slow
+def test_one_epoch_from_scratch_reaches_90_percent_on_held_out_digits(trained):
+    result = rankcut("eval", trained, "--data", "mnist5k:test", "--device", "cpu", "--json")
+    assert result["samples"] == 1000
+    assert result["top1"] >= 0.90, f"top-1 {result['top1']:.3f} after one epoch"
+    entry = read_meta(trained).history[-1]
+    assert entry["command"] == "finetune" and entry["epochs"] == 1 and entry["lr"] == 2e-3
+    assert entry["data"] == "mnist5k:train" and entry["samples"] == 4000 and entry["acc"] > 0.8
+
+
+@pytest.mark.slow
+def test_finetuning_a_projected_checkpoint_recovers_accuracy_and_keeps_its_ranks(trained, tmp_path):
+    small, tuned = tmp_path / "small.safetensors", tmp_path / "tuned.safetensors"
+    before_ranks = svd_project(trained, small, {"conv2": 4, "fc1": 4})
+    test = ["--data", "mnist5k:test", "--samples", "500", "--device", "cpu", "--json"]
+    before = rankcut("eval", small, *test)["top1"]
+    rankcut("finetune", small, "--data", "mnist5k:train", "--samples", "1500", *RECIPE, "--lr", "1e-3",
+            "-o", tuned, "--json")
+    after = rankcut("eval", tuned, *test)["top1"]
+    assert after > before + 0.05, f"top-1 {before:.3f} -> {after:.3f}"
+    model, meta = load_with_meta(tuned)
+    assert ranks(model) == before_ranks == {"conv2": 4, "fc1": 4}
+    assert meta.edits == read_meta(small).edits and [h["command"] for h in meta.history] == ["init", "finetune",
+                                                                                             "finetune"]
+
+
+@pytest.mark.slow
+def test_pure_distillation_learns_from_unlabelled_images(trained, tmp_path):
+    student = tmp_path / "student.safetensors"
+    rankcut("init", "--arch", "rankcut:mnist-cnn", "--seed", "1", "-o", student)
+    images = digits_npz(tmp_path / "unlabelled.npz", 512, labels=False)
+    result = rankcut("finetune", student, "--data", images, "--teacher", trained, "--kd-alpha", "1",
+                     "--epochs", "3", *RECIPE, "-o", tmp_path / "out.safetensors", "--json")
+    losses = [e["loss"] for e in result["epochs"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert result["epochs"][-1]["acc"] is None and result["epochs"][-1]["agree"] > 0.5
+    entry = read_meta(tmp_path / "out.safetensors").history[-1]
+    assert entry["teacher"] == str(trained) and entry["kd_alpha"] == 1.0
+
+
+def test_bf16_autocast_trains_and_writes_float32_weights(mnist_ckpt, tmp_path):
+    out = tmp_path / "amp.safetensors"
+    rankcut("finetune", mnist_ckpt, "--data", "synthetic:64", "--amp", "-b", "32", "--device", "cpu", "-o", out)
+    model, _ = load_with_meta(out)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_divergence_stops_with_one_line_and_writes_nothing(mnist_ckpt, tmp_path):
+    out = tmp_path / "nan.safetensors"
+    line = rankcut("finetune", mnist_ckpt, "--data", "synthetic:256", "--optimizer", "sgd", "--lr", "1e8",
+                   "--warmup", "0", "-b", "32", "--device", "cpu", "-o", out, fails=True)
+    assert "NaN or infinite" in line
+    assert list(tmp_path.iterdir()) == [mnist_ckpt]
+
+
+def test_interrupt_leaves_no_output(mnist_ckpt, tmp_path, monkeypatch):
+    import rankcut.train
+
+    def interrupted(step, *args):
+        if step == 1:
+            raise KeyboardInterrupt
+        return 1e-3
+
+    monkeypatch.setattr(rankcut.train, "lr_at", interrupted)
+    result = CliRunner().invoke(app, ["finetune", str(mnist_ckpt), "--data", "synthetic:128", "-b", "32",
+                                      "--device", "cpu", "-o", str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert list(tmp_path.iterdir()) == [mnist_ckpt]
+
+
+def test_bad_inputs_give_one_line_and_write_nothing(mnist_ckpt, tmp_path):
+    out = tmp_path / "out.safetensors"
+    unlabelled = digits_npz(tmp_path / "unlabelled.npz", 32, labels=False)
+    outside = tmp_path / "outside.npz"
+    np.savez(outside, x=np.zeros((8, 28, 28), np.uint8), y=np.array([0, 1, 2, 3, 4, 5, 6, 10]))
+    base = ["--device", "cpu", "-o", out]
+    cases = {
+        "checkpoint not found": ["finetune", tmp_path / "missing.safetensors", "--data", "synthetic:8", *base],
+        "unlabelled samples": ["finetune", mnist_ckpt, "--data", unlabelled, *base],
+        "label 10, outside": ["finetune", mnist_ckpt, "--data", outside, *base],
+        "also an input": ["finetune", mnist_ckpt, "--data", "synthetic:8", "--device", "cpu", "-o", mnist_ckpt],
+        "needs a --teacher": ["finetune", mnist_ckpt, "--data", "synthetic:8", "--kd-alpha", "0.5", *base],
+        "--optimizer must be": ["finetune", mnist_ckpt, "--data", "synthetic:8", "--optimizer", "adam", *base],
+    }
+    for expected, args in cases.items():
+        assert expected in rankcut(*args, fails=True)
+    # With a teacher, unlabelled data still needs --kd-alpha 1.
+    line = rankcut("finetune", mnist_ckpt, "--data", unlabelled, "--teacher", mnist_ckpt, *base, fails=True)
+    assert "--kd-alpha 1" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mnist_ckpt.name, "unlabelled.npz", "outside.npz"])
