@@ -153,3 +153,103 @@ def _empty_like(model: nn.Module, target: Target) -> Moments:
     from .layers import out_width
 
     return Moments.empty(out_width(model.get_submodule(target.name)))
+
+
+LOSSES = ("kl", "mse")
+
+
+def draw_probe(logits: torch.Tensor, loss: str, generator: torch.Generator) -> torch.Tensor:
+    """A random vector r in output space with E[r r^T] = the output-space Hessian of the loss.
+
+    ``mse``: Gaussian, scaled so the result is the mean squared error per output. ``kl``:
+    ``(onehot(y) - softmax) / sqrt(2)`` with y drawn from the model's own softmax (no labels needed),
+    so the result is the KL divergence to second order.
+    """
+    if loss == "mse":
+        r = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        return r / logits[0].numel() ** 0.5
+    p = torch.softmax(logits.float(), dim=-1)
+    y = torch.multinomial(p, 1, generator=generator)
+    return ((torch.zeros_like(p).scatter_(1, y, 1.0) - p) / 2 ** 0.5).to(logits.dtype)
+
+
+class GradientSums:
+    """Per-layer sums of the probe statistics: ``hessian = sum sym(S)^2`` and ``grad_m2 = sum g g^T``.
+
+    ``S = sum_p g_p (z_p - mu)^T`` per sample, with g_p the probe's gradient at position p of the layer's
+    output. For a unit v, ``v' (hessian / grad_count) v`` bounds the expected output loss from projecting v
+    out of the layer (to second order); ``grad_m2 / grad_count`` is the output-gradient covariance G.
+    """
+
+    def __init__(self, mean: torch.Tensor):
+        c = len(mean)
+        self.mean = mean
+        self.count = 0.0
+        self.hessian = torch.zeros(c, c, dtype=torch.float64, device=mean.device)
+        self.grad_m2 = torch.zeros(c, c, dtype=torch.float64, device=mean.device)
+
+    def add(self, out: torch.Tensor, grad: torch.Tensor) -> None:
+        z = _observations(out[:, :, None] if out.dim() == 2 else out) - self.mean.to(out.dtype)[None, :, None]
+        g = _observations(grad[:, :, None] if grad.dim() == 2 else grad)
+        s = torch.bmm(g, z.transpose(1, 2))
+        sym = (s + s.transpose(1, 2)).flatten(0, 1) / 2  # rows of every sample's sym(S), stacked
+        self.hessian += (sym.T @ sym).double()
+        self.grad_m2 += torch.bmm(g, g.transpose(1, 2)).sum(0).double()
+        self.count += out.shape[0]
+
+    def arrays(self, ctx: Context) -> dict[str, torch.Tensor]:
+        count = torch.tensor(self.count, dtype=torch.float64)
+        arrays = {"grad_count": count, "hessian": self.hessian.cpu(), "grad_m2": self.grad_m2.cpu()}
+        all_reduce_sum_(list(arrays.values()), ctx)
+        if not all(torch.isfinite(a).all() for a in arrays.values()):
+            raise RankcutError("gradient statistics hold NaN or Inf (the model's outputs or gradients overflowed)")
+        return arrays
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring gradients, so backward passes compute activation gradients only."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def collect_gradients(model: nn.Module, targets: list[Target], batches, moments: dict[str, Moments], loss: str,
+                      probes: int, seed: int, ctx: Context, advance=lambda: None) -> dict[str, dict[str, torch.Tensor]]:
+    """Second-order probe statistics of every target, one forward and ``probes`` backward passes per batch.
+
+    ``moments`` (from a forward-only pass first) give the means used for centring.
+    """
+    if loss not in LOSSES:
+        raise RankcutError(f"--grad must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if probes < 1:
+        raise RankcutError("--probes must be at least 1")
+    acc = {t.name: GradientSums(moments[t.name].mean.to(ctx.device)) for t in targets}
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(layer, out):
+        if not out.requires_grad:
+            out.requires_grad_(True)  # the first captured layers: start the graph here
+        captured[layer] = out
+
+    generator = torch.Generator(device=ctx.device).manual_seed(seed * 1000 + ctx.rank)
+    model.eval()
+    with hooks(model, {t.name: t.capture for t in targets}, capture), frozen(model), torch.enable_grad():
+        for x, _ in batches:
+            captured.clear()
+            logits = model(x.to(ctx.device, non_blocking=True))
+            layers = list(captured)
+            for probe in range(probes):
+                r = draw_probe(logits.detach(), loss, generator)
+                grads = torch.autograd.grad(logits, [captured[n] for n in layers], grad_outputs=r,
+                                            retain_graph=probe < probes - 1, allow_unused=True)
+                for name, g in zip(layers, grads):
+                    z = captured[name].detach()
+                    acc[name].add(z, torch.zeros_like(z) if g is None else g)
+            advance()
+    return {name: a.arrays(ctx) for name, a in acc.items()}

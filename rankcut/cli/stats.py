@@ -12,9 +12,10 @@ from .. import data as datasets
 from ..checkpoint import load_with_meta
 from ..console import Reporter
 from ..dist import setup, teardown
+from ..errors import RankcutError
 from ..fileio import check_output, file_digest
 from ..statsfile import LayerStats, StatsFile, load_stats, save_stats
-from ..stats import collect_moments
+from ..stats import LOSSES, collect_gradients, collect_moments
 from ..targets import select
 from .options import BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet, Samples, Seed, Workers
 
@@ -63,6 +64,9 @@ def stats(
     samples: Samples = None,
     layers: Layers = None,
     exclude: Exclude = None,
+    grad: Annotated[Optional[str], typer.Option("--grad", help=(
+        "Also gather second-order statistics for --method hessian/fisher: kl (no labels needed) or mse."))] = None,
+    probes: Annotated[int, typer.Option("--probes", help="Probes (backward passes) per batch with --grad.")] = 1,
     batch_size: BatchSize = 64,
     workers: Workers = 0,
     device: Device = "auto",
@@ -73,8 +77,13 @@ def stats(
 ) -> None:
     """Measure each target layer's output mean and covariance over the data (one forward pass per batch).
 
+    With --grad, a second pass adds probe-gradient statistics (one backward pass per batch and probe).
     Under torchrun the data is sharded across processes and the sums are combined; rank 0 writes.
     """
+    if grad is not None and grad not in LOSSES:
+        raise RankcutError(f"--grad must be one of {', '.join(LOSSES)}, got {grad!r}")
+    if probes < 1:
+        raise RankcutError("--probes must be at least 1")
     ctx = setup(device)
     try:
         report = Reporter(quiet, json_out, ctx.primary)
@@ -84,10 +93,16 @@ def stats(
         dataset = datasets.subset(datasets.open_data(data, meta.input, seed=seed), samples, seed)
         batches = datasets.loader(datasets.shard(dataset, ctx.rank, ctx.world), batch_size, workers)
         with report.progress() as bar:
-            task = bar.add_task("stats", total=len(batches), info="")
+            task = bar.add_task("moments", total=len(batches), info="")
             moments = collect_moments(model, targets, batches, ctx, lambda: bar.advance(task))
-        result = StatsFile(file_digest(checkpoint), len(dataset), {
-            t.name: LayerStats(t, moments[t.name]) for t in targets}, info={"data": data, "seed": seed})
+            gradients = {}
+            if grad is not None:
+                task = bar.add_task(f"gradients ({grad})", total=len(batches), info="")
+                gradients = collect_gradients(model, targets, batches, moments, grad, probes, seed, ctx,
+                                              lambda: bar.advance(task))
+        layer_stats = {t.name: LayerStats(t, moments[t.name], gradients.get(t.name, {})) for t in targets}
+        info = {"data": data, "seed": seed, **({"probes": probes} if grad else {})}
+        result = StatsFile(file_digest(checkpoint), len(dataset), layer_stats, loss=grad, info=info)
         if ctx.primary:
             save_stats(result, output)
             summary_data, table = summary(result, f"{output}: {len(dataset):,} samples")

@@ -1,0 +1,181 @@
+"""Loss-aware bases (hessian, fisher) and baselines: their predictions against measured output changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rankcut import archs
+from rankcut.checkpoint import CheckpointMeta, save
+from rankcut.data import mnist5k
+from rankcut.dist import Context
+from rankcut.edits import get_module
+from rankcut.layers import project_layer
+from rankcut.methods import METHODS, fisher_from, pca
+from rankcut.project import project_model
+from rankcut.statsfile import LayerStats
+from rankcut.stats import collect_gradients, collect_moments
+from rankcut.targets import select
+
+CPU = Context(0, 1, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """``rankcut:mnist-cnn`` trained for 150 steps on mnist5k (about 95% test accuracy), and 512 digits."""
+    torch.manual_seed(0)
+    model = archs.build("rankcut:mnist-cnn", {})
+    train = mnist5k("train", archs.MNIST)
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    y = train.y
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(150):
+        idx = torch.randint(len(x), (64,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    model.eval()
+    data = x[torch.randperm(len(x), generator=g)[:256]]
+    return model, [(data[i:i + 128], None) for i in range(0, len(data), 128)]
+
+
+@pytest.fixture(scope="module")
+def grad_stats(trained):
+    """Statistics with gradient probes (4 per sample) of the trained model, per loss, computed once."""
+    model, batches = trained
+    cache = {}
+    return lambda loss: cache.setdefault(loss, layer_stats(model, batches, loss, probes=4)[1])
+
+
+def layer_stats(model, batches, loss=None, probes=1):
+    targets = select(model, archs.MNIST)
+    moments = collect_moments(model, targets, batches, CPU)
+    grads = collect_gradients(model, targets, batches, moments, loss, probes, 0, CPU) if loss else {}
+    return targets, {t.name: LayerStats(t, moments[t.name], grads.get(t.name, {})) for t in targets}
+
+
+def output_change(model, batches, loss, edit, before=None):
+    """Mean KL(original || changed) or mean squared output change per element, with ``edit`` applied."""
+    with torch.no_grad():
+        before = before or [model(x) for x, _ in batches]
+        handle = edit()
+        after = [model(x) for x, _ in batches]
+        handle.remove()
+    if loss == "mse":
+        return torch.cat([(a - b).pow(2).mean(1) for a, b in zip(after, before)]).mean().item()
+    return torch.cat([nn.functional.kl_div(a.log_softmax(1), b.log_softmax(1), log_target=True,
+                                           reduction="none").sum(1) for a, b in zip(after, before)]).mean().item()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+@pytest.mark.parametrize("layer", ["conv2", "fc1"])
+def test_hessian_predicts_output_change_of_projecting_a_direction_out(trained, grad_stats, loss, layer):
+    model, batches = trained
+    s = grad_stats(loss)[layer]
+    h = s.grad["hessian"] / s.grad["grad_count"]
+    mu = s.moments.mean.float()
+    g = torch.Generator().manual_seed(1)
+    predicted, measured = [], []
+    with torch.no_grad():
+        before = [model(x) for x, _ in batches]
+    for _ in range(16):
+        v = torch.randn(s.channels, generator=g, dtype=torch.float64)
+        v /= v.norm()
+        predicted.append(v @ h @ v)
+        vf = v.float().view(1, -1, *([1] * (2 if layer == "conv2" else 0)))
+        muf = mu.view_as(vf)
+
+        def remove_direction(vf=vf, muf=muf):
+            hook = lambda _, __, z: z - vf * ((z - muf) * vf).sum(1, keepdim=True)
+            return get_module(model, layer).register_forward_hook(hook)
+
+        measured.append(output_change(model, batches, loss, remove_direction, before))
+    rho = spearman(torch.tensor(predicted), torch.tensor(measured))
+    print(f"{layer} {loss}: Spearman {rho:.3f}")
+    assert rho >= 0.8, f"Spearman {rho:.2f} between v'Hv and the measured {loss} change at {layer}"
+
+
+def test_fisher_with_identity_gradient_covariance_is_pca(trained):
+    model, batches = trained
+    _, stats = layer_stats(model, batches[:1])
+    s = stats["conv2"]
+    expected = pca(None, s)
+    identity = torch.eye(s.channels, dtype=torch.float64)
+    for damping in (1e-3, 0.0):
+        got = fisher_from(identity, s.moments.covariance, s.moments.mean, damping, "")
+        for k in (1, 8, 32):
+            for a, b in zip(got.pair(k), expected.pair(k)):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-6, atol=1e-9)  # undamped: same units too
+
+
+@pytest.mark.slow
+def test_fisher_predicted_loss_tracks_measured_change_across_ranks(trained, grad_stats):
+    model, batches = trained
+    original = get_module(model, "conv2")
+    basis = METHODS["fisher"](original, grad_stats("kl")["conv2"])
+    ks = [4, 8, 16, 24, 32, 48]
+    predicted, measured = [], []
+    for k in ks:
+        pair = project_layer(original, *basis.pair(k))
+
+        def swap(pair=pair):
+            return get_module(model, "conv2").register_forward_hook(lambda _, inputs, __: pair(inputs[0]))
+
+        predicted.append(basis.loss[k].item())
+        measured.append(output_change(model, batches, "kl", swap))
+    assert all(a > b for a, b in zip(measured, measured[1:])), measured
+    assert all(a > b for a, b in zip(predicted, predicted[1:])), predicted
+    ratios = [m / p for m, p in zip(measured, predicted)]
+    print("measured/predicted by rank", dict(zip(ks, [round(r, 3) for r in ratios])))
+    # The Kronecker factorisation drops the correlation between gradients and activations and across
+    # positions, so it under-predicts; measured here: 2x (rank 32) to 35x (rank 4).
+    assert all(1 / 3 <= r <= 50 for r in ratios), f"measured/predicted KL by rank {dict(zip(ks, ratios))}"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_at_full_rank_reproduces_outputs(trained, method):
+    model, batches = trained
+    model = archs.build("rankcut:mnist-cnn", {}).eval()
+    model.load_state_dict(trained[0].state_dict())
+    targets, stats = layer_stats(model, batches[:1], "kl")
+    x = batches[0][0]
+    with torch.no_grad():
+        before = model(x)
+        ranks = {t.name: get_module(model, t.name).weight.shape[0] for t in targets}
+        edits, _ = project_model(model, targets, stats, method, ranks, only_if_saves=False)
+        after = model(x)
+    assert len(edits) == len(targets)
+    assert ((after - before).norm() / before.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["hessian", "fisher"])
+def test_loss_aware_methods_need_gradient_statistics(tmp_path, mnist_ckpt, run_cli, method):
+    stats = tmp_path / "s.npz"
+    run_cli(["stats", mnist_ckpt, "--data", "synthetic:8", "-o", stats])
+    out = tmp_path / "out.safetensors"
+    r = run_cli(["project", mnist_ckpt, "--stats", stats, "--method", method, "--keep", "0.5", "-o", out], fails=True)
+    assert "rerun rankcut stats with --grad kl" in r.message and not out.exists()
+
+
+def test_cli_grad_statistics_feed_every_method(tmp_path, mnist_ckpt, run_cli):
+    stats = tmp_path / "g.npz"
+    data = run_cli(["stats", mnist_ckpt, "--data", "synthetic:16", "--grad", "mse", "--probes", "2", "-o", stats,
+                    "--json"]).data
+    assert data["loss"] == "mse" and data["probes"] == 2
+    for method in sorted(METHODS):
+        out = tmp_path / f"{method}.safetensors"
+        report = run_cli(["project", mnist_ckpt, "--stats", stats, "--method", method, "--keep", "0.25", "-o", out,
+                          "--json"]).data
+        projected = [r for r in report["layers"] if r["status"] == "projected"]
+        assert [r["layer"] for r in projected] == ["conv2", "fc1"]
+        assert all((r["predicted_loss"] is None) == (method == "random") for r in projected)
