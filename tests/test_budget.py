@@ -1,0 +1,282 @@
+"""Global rank allocation (project --macs / --params): exact costs, budgets met, optimal where checkable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from rankcut import archs
+from rankcut.archs import InputContract
+from rankcut.budget import allocate, basis_for, comparable_loss, layer_options, plan_budget
+from rankcut.checkpoint import load_with_meta
+from rankcut.cli import app
+from rankcut.edits import get_module
+from rankcut.errors import RankcutError
+from rankcut.layers import LowRank, current_rank, out_width
+from rankcut.measure import count_macs, count_params
+from rankcut.project import project_model
+from rankcut.statsfile import LayerStats
+from rankcut.stats import Moments
+from rankcut.targets import select
+
+SMALL = InputContract((3, 64, 64), archs.IMAGENET_MEAN, archs.IMAGENET_STD)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One BLAS thread: eigh of a 512 x 512 matrix is faster so, and far faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_stats(model: nn.Module, targets, spectrum) -> dict[str, LayerStats]:
+    """Statistics whose output covariance has eigenvalues ``spectrum(name, channels)`` (no data pass)."""
+    g = torch.Generator().manual_seed(0)
+    stats = {}
+    for t in targets:
+        c = out_width(get_module(model, t.name))
+        eig = torch.as_tensor(spectrum(t.name, c), dtype=torch.float64)
+        q, _ = torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))
+        count = 100.0
+        stats[t.name] = LayerStats(t, Moments(count, torch.randn(c, generator=g, dtype=torch.float64),
+                                              count * (q * eig) @ q.T))
+    return stats
+
+
+def geometric(ratio: float):
+    return lambda name, c: ratio ** np.arange(c)
+
+
+def resnet18():
+    torch.manual_seed(0)
+    model = archs.build("torchvision:resnet18", {}).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():  # non-trivial BatchNorms, so folding changes the weights
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+def mixed(name: str, c: int):
+    """Steeper spectra in some layers than in others, so the allocation has something to choose."""
+    return (0.75 + 0.24 * ((sum(map(ord, name)) % 7) / 6)) ** np.arange(c)
+
+
+def measured(model: nn.Module, contract: InputContract, kind: str) -> int:
+    return count_macs(model, contract)[0] if kind == "macs" else count_params(model)
+
+
+def project_to(model, targets, stats, ranks, method="pca"):
+    """Project the targets whose rank changes, like the CLI does."""
+    changed = [t for t in targets if ranks[t.name] < current_rank(get_module(model, t.name))]
+    with torch.no_grad():
+        project_model(model, changed, stats, method, ranks)
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_cost_model_is_exact(rounds):
+    """Predicted MACs and parameters equal count_macs/count_params of the projected model, pairs re-projected too."""
+    model, rng = resnet18(), np.random.default_rng(0)
+    for _ in range(rounds):
+        targets = select(model, SMALL)
+        stats = synthetic_stats(model, targets, mixed)
+        macs, per = count_macs(model, SMALL)
+        params = count_params(model)
+        options = [layer_options(model, t, per, comparable_loss("pca", basis_for(model, t, stats[t.name], "pca")))
+                   for t in targets]
+        pick = {o.name: int(rng.integers(len(o.ranks))) for o in options}  # whole (last index) included
+        pick[options[0].name] = len(options[0].ranks) - 1
+        want_macs = macs - sum(int(o.macs[-1] - o.macs[pick[o.name]]) for o in options)
+        want_params = params - sum(int(o.params[-1] - o.params[pick[o.name]]) for o in options)
+        project_to(model, targets, stats, {o.name: int(o.ranks[pick[o.name]]) for o in options})
+        assert count_macs(model, SMALL)[0] == want_macs
+        assert count_params(model) == want_params
+    assert any(isinstance(get_module(model, t.name), LowRank) for t in targets)
+
+
+@pytest.mark.parametrize("kind,fractions", [("macs", [0.5, 0.25, 0.125, 0.0625]), ("params", [0.5, 0.25, 0.1])])
+def test_budget_is_met_on_resnet18(kind, fractions):
+    base = resnet18()
+    targets = select(base, SMALL)
+    stats = synthetic_stats(base, targets, mixed)
+    total, per = measured(base, SMALL, kind), count_macs(base, SMALL)[1]
+    for fraction in fractions:
+        model = resnet18()
+        plan = plan_budget(model, targets, stats, "pca", kind, fraction, total, per)
+        project_to(model, targets, stats, plan.ranks)
+        got = measured(model, SMALL, kind)
+        assert got == plan.total, f"{kind} {fraction}: predicted {plan.total:,}, measured {got:,}"
+        assert 0.98 * fraction * total <= got <= fraction * total, f"{kind} {fraction}: {got / total:.4f} of the model"
+        assert plan.note is None
+
+
+def test_repeated_budget_is_relative_to_the_input():
+    model = resnet18()
+    for fraction in (0.5, 0.5):
+        targets = select(model, SMALL)
+        stats = synthetic_stats(model, targets, mixed)
+        before, per = count_macs(model, SMALL)
+        plan = plan_budget(model, targets, stats, "pca", "macs", fraction, before, per)
+        project_to(model, targets, stats, plan.ranks)
+        after = count_macs(model, SMALL)[0]
+        assert 0.98 * fraction * before <= after <= fraction * before
+    pairs = [get_module(model, t.name) for t in targets if isinstance(get_module(model, t.name), LowRank)]
+    assert pairs and all(isinstance(p.down, nn.Conv2d) and isinstance(p.up, nn.Conv2d) for p in pairs)
+
+
+def two_layer_model():
+    """Two target convs of different geometry (and a linear output layer, which is not a target)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    return model, InputContract((8, 8, 8), (0.0,) * 8, (1.0,) * 8)
+
+
+@pytest.mark.parametrize("kind", ["macs", "params"])
+@pytest.mark.parametrize("flat", ["0", "2"])
+def test_matches_brute_force_optimum(kind, flat):
+    """Flat spectrum in one layer, steep in the other: the allocation equals the best of all rank pairs."""
+    model, contract = two_layer_model()
+    targets = select(model, contract)
+    assert [t.name for t in targets] == ["0", "2"]
+    stats = synthetic_stats(model, targets, lambda name, c: np.ones(c) if name == flat else 0.7 ** np.arange(c))
+    total = measured(model, contract, kind)
+    per = count_macs(model, contract)[1]
+    a, b = [layer_options(model, t, per, comparable_loss("pca", basis_for(model, t, stats[t.name], "pca")))
+            for t in targets]
+    fixed = total - int(a.cost(kind)[-1]) - int(b.cost(kind)[-1])
+    cost = fixed + a.cost(kind)[:, None] + b.cost(kind)[None, :]
+    loss = a.loss[:, None] + b.loss[None, :]
+    checked, kinds = 0, set()
+    for fraction in np.linspace(0.06, 0.98, 47):
+        budget = int(fraction * total)
+        if cost.min() > budget:
+            with pytest.raises(RankcutError, match="below what rank 1"):
+                allocate([a, b], kind, budget, fixed)
+            continue
+        best = loss[cost <= budget].min()
+        choice, note = allocate([a, b], kind, budget, fixed)
+        i, j = choice["0"], choice["2"]
+        assert cost[i, j] <= budget
+        assert loss[i, j] == pytest.approx(best, abs=1e-12), (
+            f"{kind} {fraction:.3f}: ranks {a.ranks[i]}, {b.ranks[j]} lose {loss[i, j]:.6f}, optimum {best:.6f}")
+        assert (note is None) == (cost[i, j] >= 0.98 * budget), note
+        checked += 1
+        kinds.add((i == len(a.ranks) - 1, j == len(b.ranks) - 1))
+    assert checked > 30
+    assert {(False, False), (True, False)} <= kinds or {(False, False), (False, True)} <= kinds, kinds
+
+
+def test_concentrated_spectrum_is_cut_harder():
+    """Two layers of one geometry: the one whose variance is concentrated keeps fewer directions."""
+    model = resnet18()
+    targets = select(model, SMALL)
+    macs, per = count_macs(model, SMALL)
+    a, b = "layer1.0.conv1", "layer1.0.conv2"
+
+    def ranks(steep: str) -> dict[str, int]:
+        spectrum = lambda name, c: (0.6 if name == steep else 0.99 if name in (a, b) else 0.9) ** np.arange(c)
+        stats = synthetic_stats(model, targets, spectrum)
+        return plan_budget(model, targets, stats, "pca", "macs", 0.4, macs, per).ranks
+
+    first, second = ranks(a), ranks(b)
+    assert first[a] < first[b] / 2 and second[b] < second[a] / 2
+    assert (first[a], first[b]) == (second[b], second[a])
+
+
+def test_loss_currency():
+    """pca compares variance fractions (scale-free); fisher compares raw predictions (scale matters)."""
+    model, contract = two_layer_model()
+    targets = select(model, contract)
+    macs, per = count_macs(model, contract)
+
+    def stats_with(scale: float) -> dict[str, LayerStats]:
+        stats = synthetic_stats(model, targets, lambda name, c: 0.8 ** np.arange(c) * (scale if name == "2" else 1))
+        for s in stats.values():
+            c = s.channels
+            s.grad = {"grad_count": torch.tensor(10.0, dtype=torch.float64), "hessian": torch.eye(c, dtype=torch.float64),
+                      "grad_m2": 10 * torch.eye(c, dtype=torch.float64)}
+        return stats
+
+    def plan(method: str, scale: float) -> dict[str, int]:
+        return plan_budget(model, targets, stats_with(scale), method, "macs", 0.3, macs, per).ranks
+
+    assert plan("pca", 1.0) == plan("pca", 1000.0)
+    assert plan("fisher", 1000.0)["2"] > plan("fisher", 1.0)["2"]
+    stats = stats_with(1.0)
+    for method in ("pca", "svd", "l1"):
+        loss = comparable_loss(method, basis_for(model, targets[1], stats["2"], method))
+        assert loss[0] == pytest.approx(1.0) and loss[-1] == 0 and np.all(np.diff(loss) <= 1e-12)
+    basis = basis_for(model, targets[1], stats["2"], "fisher")
+    np.testing.assert_array_equal(comparable_loss("fisher", basis), basis.loss.numpy())
+    with pytest.raises(RankcutError, match="random predicts no loss"):
+        plan("random", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def mnist_files(tmp_path_factory):
+    """A random rankcut:mnist-cnn checkpoint and its statistics on synthetic data (made once)."""
+    folder = tmp_path_factory.mktemp("budget")
+    ckpt, stats = folder / "mnist.safetensors", folder / "s.npz"
+    for args in (["init", "--arch", "rankcut:mnist-cnn", "-o", ckpt],
+                 ["stats", ckpt, "--data", "synthetic:32", "-o", stats, "--quiet"]):
+        assert CliRunner().invoke(app, [str(a) for a in args]).exit_code == 0
+    return ckpt, stats
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--keep", "0.5", "--macs", "0.5"], "--keep and --macs are alternatives"),
+    (["--keep", "0.5", "--params", "0.5"], "--keep and --params are alternatives"),
+    (["--macs", "0.5", "--params", "0.5"], "not both"),
+    (["--macs", "0"], "--macs must be in (0, 1), got 0"),
+    (["--macs", "1.2"], "--macs must be in (0, 1), got 1.2"),
+    (["--params", "1"], "--params must be in (0, 1)"),
+    (["--macs", "0.005"], "below what rank 1 in every selected layer can reach"),
+    (["--params", "0.001"], "below what rank 1 in every selected layer can reach"),
+    (["--macs", "0.5", "--method", "random"], "random predicts no loss"),
+    ([], "say how much to keep"),
+])
+def test_cli_budget_errors(tmp_path, mnist_files, run_cli, args, message):
+    ckpt, stats = mnist_files
+    out = tmp_path / "out.safetensors"
+    r = run_cli(["project", ckpt, "--stats", stats, *args, "-o", out], fails=True)
+    assert message in r.message and not out.exists()
+
+
+def test_cli_budget_report_and_repeat(tmp_path, mnist_files, run_cli):
+    ckpt, stats = mnist_files
+    current, sizes = ckpt, []
+    for step, (kind, fraction) in enumerate([("macs", 0.3), ("params", 0.6), ("macs", 0.5)]):
+        if step:
+            stats = tmp_path / f"s{step}.npz"
+            run_cli(["stats", current, "--data", "synthetic:32", "-o", stats, "--quiet"])
+        out = tmp_path / f"p{step}.safetensors"
+        data = run_cli(["project", current, "--stats", stats, f"--{kind}", fraction, "-o", out, "--json"]).data
+        budget, totals = data["budget"], data["totals"]
+        before = totals[f"{kind}_before"]
+        assert budget["target"] == int(fraction * before) and budget["achieved"] == totals[f"{kind}_after"]
+        assert budget["achieved"] <= budget["target"] and budget["loss_units"] == "variance fraction"
+        assert (budget["achieved"] >= 0.98 * budget["target"]) == (budget["note"] is None)
+        if step == 0:
+            assert budget["note"] is None
+        if step == 1:  # fc1 holds most parameters: one rank of it costs 9,345 of a 217,324 budget
+            assert "the cheapest step that lowers the predicted loss (fc1 to rank" in budget["note"]
+        rows = data["layers"]
+        assert [r["layer"] for r in rows] == ["conv1", "conv2", "fc1"]
+        assert all(r["budget_loss"] >= 0 and r["new_rank"] <= r["old_rank"] for r in rows)
+        assert sum(r["macs_after"] - r["macs_before"] for r in rows) == totals["macs_after"] - totals["macs_before"]
+        model, meta = load_with_meta(out)
+        assert meta.history[-1][kind] == fraction and count_macs(model, meta.input)[0] == totals["macs_after"]
+        sizes.append(totals[f"{kind}_after"])
+        current = out
+    table = run_cli(["project", ckpt, "--stats", mnist_files[1], "--macs", "0.4", "-o", tmp_path / "t.safetensors"])
+    assert "budget loss" in table.stdout and "macs budget 40.00%" in table.stdout
