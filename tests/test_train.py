@@ -18,7 +18,7 @@ from rankcut.dist import Context
 from rankcut.edits import LowRankPair, get_module, ranks, set_module
 from rankcut.errors import RankcutError
 from rankcut.layers import project_layer
-from rankcut.train import DistillationLoss, TrainConfig, fit, lr_at
+from rankcut.train import DistillationLoss, TrainConfig, fit, lr_at, parameter_digest
 
 RECIPE = ["--optimizer", "adamw", "--lr", "2e-3", "-b", "32", "--device", "cpu"]
 
@@ -117,6 +117,19 @@ def test_fit_saves_every_n_epochs_and_at_the_end():
     assert calls == [2, 3]
 
 
+def test_parameter_digest_tells_replicas_apart_by_one_ulp():
+    from rankcut.archs import MnistCNN
+
+    torch.manual_seed(0)
+    a = MnistCNN()
+    torch.manual_seed(0)
+    b = MnistCNN()
+    assert parameter_digest(a) == parameter_digest(b)
+    with torch.no_grad():
+        b.fc2.bias[0] = torch.nextafter(b.fc2.bias[0], torch.tensor(1.0))
+    assert parameter_digest(a) != parameter_digest(b)
+
+
 @pytest.mark.slow
 def test_one_epoch_from_scratch_reaches_90_percent_on_held_out_digits(trained):
     result = rankcut("eval", trained, "--data", "mnist5k:test", "--device", "cpu", "--json")
@@ -192,8 +205,12 @@ def test_bad_inputs_give_one_line_and_write_nothing(mnist_ckpt, tmp_path):
     unlabelled = digits_npz(tmp_path / "unlabelled.npz", 32, labels=False)
     outside = tmp_path / "outside.npz"
     np.savez(outside, x=np.zeros((8, 28, 28), np.uint8), y=np.array([0, 1, 2, 3, 4, 5, 6, 10]))
+    three = tmp_path / "three.safetensors"
+    rankcut("init", "--arch", "rankcut:mnist-cnn", "--num-classes", "3", "-o", three)
     base = ["--device", "cpu", "-o", out]
     cases = {
+        "scores 3 classes, the student 10": ["finetune", mnist_ckpt, "--data", "synthetic:8", "--teacher", three,
+                                             *base],
         "checkpoint not found": ["finetune", tmp_path / "missing.safetensors", "--data", "synthetic:8", *base],
         "unlabelled samples": ["finetune", mnist_ckpt, "--data", unlabelled, *base],
         "label 10, outside": ["finetune", mnist_ckpt, "--data", outside, *base],
@@ -206,4 +223,5 @@ def test_bad_inputs_give_one_line_and_write_nothing(mnist_ckpt, tmp_path):
     # With a teacher, unlabelled data still needs --kd-alpha 1.
     line = rankcut("finetune", mnist_ckpt, "--data", unlabelled, "--teacher", mnist_ckpt, *base, fails=True)
     assert "--kd-alpha 1" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mnist_ckpt.name, "unlabelled.npz", "outside.npz"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mnist_ckpt.name, three.name, "unlabelled.npz",
+                                                                "outside.npz"])

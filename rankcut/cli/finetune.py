@@ -69,9 +69,9 @@ def finetune(
             if teacher_meta.input != meta.input:
                 raise RankcutError(f"the teacher {teacher} expects input {teacher_meta.input.to_dict()}, "
                                    f"the student {meta.input.to_dict()}")
-            if output_classes(teacher_model, meta.input) != classes:
-                raise RankcutError(f"the teacher {teacher} scores {output_classes(teacher_model, meta.input)} "
-                                   f"classes, the student {classes}")
+            teacher_classes = output_classes(teacher_model, meta.input)
+            if teacher_classes != classes:
+                raise RankcutError(f"the teacher {teacher} scores {teacher_classes} classes, the student {classes}")
         train_set = subset(open_data(data, meta.input, train=True, num_classes=classes, seed=seed), samples, seed)
         check_dataset_labels(train_set, classes, cfg.kd_alpha < 1, f"the training data {data}")
         eval_set = None
