@@ -11,41 +11,46 @@ import typer
 from ..errors import RankcutError
 
 
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user (or the environment) caused; None for a bug."""
+    if isinstance(e, RankcutError):
+        return one_line(str(e))
+    if isinstance(e, (OSError, MemoryError)):  # a file that vanished, a full disk, too little memory
+        return one_line(f"{type(e).__name__}: {e}")
+    if isinstance(e, RuntimeError) and type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return f"out of GPU memory: {one_line(str(e))}"
+    return None
+
+
 def one_line_errors(fn):
     """Decorate a command so a user error prints one line ``error: ...`` and exits 1 (no traceback).
 
     User errors are ``RankcutError`` and what the environment raises (``OSError``, running out of host or
     GPU memory); anything else is a bug and keeps its traceback. Set ``RANKCUT_DEBUG=1`` to get the
-    traceback for user errors too. Ctrl-C exits 130 with one line.
+    traceback for user errors too. Ctrl-C exits 130 with one line. Under torchrun every process stops
+    together on the same error, so only rank 0 prints it.
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except RankcutError as e:
-            if os.environ.get("RANKCUT_DEBUG"):
-                raise
-            print(f"error: {one_line(str(e))}", file=sys.stderr)
-            raise typer.Exit(1) from None
-        except (OSError, MemoryError) as e:
-            # The environment, not a bug: a file that vanished, a full disk, too little memory.
-            if os.environ.get("RANKCUT_DEBUG"):
-                raise
-            print(f"error: {one_line(f'{type(e).__name__}: {e}')}", file=sys.stderr)
-            raise typer.Exit(1) from None
-        except RuntimeError as e:
-            import torch
-
-            if not isinstance(e, torch.cuda.OutOfMemoryError) or os.environ.get("RANKCUT_DEBUG"):
-                raise
-            print(f"error: out of GPU memory: {one_line(str(e))}", file=sys.stderr)
-            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            print("error: interrupted; no output was written", file=sys.stderr)
+            _say("error: interrupted; no output was written")
             raise typer.Exit(130) from None
+        except Exception as e:
+            message = _user_error(e)
+            if message is None or os.environ.get("RANKCUT_DEBUG"):
+                raise
+            _say(f"error: {message}")
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _say(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
 
 
 def one_line(message: str) -> str:
