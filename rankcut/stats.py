@@ -135,6 +135,9 @@ def collect_moments(model: nn.Module, targets: list[Target], batches, ctx: Conte
     def observe(layer, out):
         acc[layer].add(out.detach())
         if not acc[layer].finite():
+            if torch.isfinite(out).all():
+                raise RankcutError(f"layer {layer} has outputs too large for float32 statistics (up to "
+                                   f"{out.detach().abs().max().item():.3g}); statistics would be meaningless")
             raise RankcutError(f"layer {layer} produced NaN or Inf on the data; statistics would be meaningless")
 
     model.eval()
@@ -236,6 +239,7 @@ def collect_gradients(model: nn.Module, targets: list[Target], batches, moments:
         if not out.requires_grad:
             out.requires_grad_(True)  # the first captured layers: start the graph here
         captured[layer] = out
+        return out.clone()  # what follows may work in place (ReLU(inplace=True)); keep ``out`` as it was
 
     generator = torch.Generator(device=ctx.device).manual_seed(seed * 1000 + ctx.rank)
     model.eval()
