@@ -150,6 +150,10 @@ def load_with_meta(path: str | os.PathLike, device: str | torch.device = "cpu",
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise RankcutError(f"{path}: cannot read tensors ({str(e).splitlines()[0][:200]})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # NaN weights only give NaN outputs: a silent wrong answer in eval, a crash in svd
+        raise RankcutError(f"{path}: tensor {bad} holds NaN or Inf values; the checkpoint is damaged or its "
+                           "training diverged")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # names and shapes were checked above; this is a dtype the model cannot take

@@ -63,6 +63,10 @@ class TensorImages(Dataset):
             raise RankcutError(f"x must be N,C,H,W or N,H,W; got shape {tuple(x.shape)}")
         if len(y) != len(x):
             raise RankcutError(f"x has {len(x)} samples but y has {len(y)} labels")
+        if len(x) and min(x.shape[1:]) < 1:
+            raise RankcutError(f"x holds empty images (shape {tuple(x.shape)})")
+        if len(x) and x.is_floating_point():
+            _check_range(x)
         self.x, self.y, self.contract = x, y.long(), contract
         if len(x):
             try:
@@ -82,6 +86,20 @@ class TensorImages(Dataset):
 
     def __getitem__(self, i: int):
         return fit_to_contract(self._scaled(i), self.contract), self.y[i]
+
+
+def _check_range(x: torch.Tensor) -> None:
+    """Float images must be finite and in 0..1; anything else would be normalised into a silent wrong answer."""
+    low = high = None
+    for chunk in torch.split(x.reshape(len(x), -1), 4096):  # bounded extra memory on big files
+        if not torch.isfinite(chunk).all():
+            raise RankcutError("x holds NaN or Inf values")
+        low = chunk.min() if low is None else torch.minimum(low, chunk.min())
+        high = chunk.max() if high is None else torch.maximum(high, chunk.max())
+    # A little slack for resampling overshoot; 0..255 floats or already-normalised data are far outside.
+    if low < -0.05 or high > 1.05:
+        raise RankcutError(f"x holds floats from {float(low):.4g} to {float(high):.4g}; float images must be in 0..1 "
+                           "(unnormalised: rankcut applies the checkpoint's mean/std itself), or store them as uint8 0..255")
 
 
 class Synthetic(Dataset):
@@ -160,6 +178,8 @@ def _tensor_file(path: Path, contract: InputContract) -> TensorImages:
     from .tensorfile import read_xy
 
     x, y = read_xy(path)
+    if len(x) == 0:  # an empty set would only give a silent "0 samples" answer
+        raise RankcutError(f"{path} holds no samples (x has shape {tuple(x.shape)})")
     if y is None:
         y = torch.full((len(x),), UNLABELED, dtype=torch.long)
     return TensorImages(x, y, contract)
@@ -193,10 +213,21 @@ def _torchvision_set(kind: str, rest: str, contract: InputContract) -> Dataset:
 
 
 def _open_image(path: str, mode: str):
+    """One image file in ``mode``; a file PIL cannot read is a one-line error naming it (also from a worker)."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        return Image.open(f).convert(mode)
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        # UnidentifiedImageError and truncated files are OSErrors; DecompressionBombError is refused
+        # before decoding, so a tiny file declaring gigapixels cannot exhaust memory.
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = reason.replace(f"<_io.BufferedReader name={path!r}>", "").strip(" :") or type(e).__name__
+        raise RankcutError(f"{_UNREADABLE}{path}: {reason[:160]}; remove or replace the file") from None
+
+
+_UNREADABLE = "cannot read image "
 
 
 def _image_folder(path: Path, contract: InputContract, augment: bool) -> Dataset:
@@ -221,7 +252,9 @@ def _check_first(dataset: Dataset) -> None:
     try:
         with torch.random.fork_rng(devices=[]):  # augmentations draw random numbers: leave the seeded stream alone
             dataset[0]
-    except RankcutError:
+    except RankcutError as e:
+        if str(e).startswith(_UNREADABLE):
+            raise RankcutError(f"cannot read the first image of the data: {str(e)[len(_UNREADABLE):]}") from None
         raise
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise RankcutError(f"cannot read the first image of the data: {str(e).splitlines()[0][:200]}") from None

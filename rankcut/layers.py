@@ -48,6 +48,12 @@ def current_rank(layer: nn.Module) -> int:
     return layer.rank if isinstance(layer, LowRank) else out_width(layer)
 
 
+def max_rank(layer: nn.Module) -> int:
+    """The most directions a target's (centred) outputs can span: min(width, inputs per output), or k for a pair."""
+    first = layer.down if isinstance(layer, LowRank) else layer
+    return min(current_rank(layer), first.weight[0].numel())
+
+
 def _like(layer: Affine, out: int) -> Affine:
     """A fresh layer with ``layer``'s input side and kernel geometry, ``out`` outputs, and a bias."""
     if isinstance(layer, nn.Linear):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from .edits import Edit, FoldBatchNorm, LowRankPair, get_module, set_module
@@ -66,9 +67,16 @@ def project_model(model: nn.Module, targets: list[Target], stats: dict[str, Laye
             edits.append(fold)
             layer = get_module(model, target.name)
         layer_stats = stats.get(target.name)
-        basis = METHODS[method](layer, layer_stats, **options)
+        try:
+            basis = METHODS[method](layer, layer_stats, **options)
+        except torch.linalg.LinAlgError as e:  # e.g. non-finite weights; never a traceback
+            raise RankcutError(f"--method {method} failed on layer {target.name}: {str(e).splitlines()[0][:160]}") from None
         up, down, mu = basis.pair(k)
-        set_module(model, target.name, project_layer(layer, up, down, mu))
+        pair = project_layer(layer, up, down, mu)
+        if not all(torch.isfinite(p).all() for p in pair.parameters()):
+            raise RankcutError(f"--method {method} gave NaN or Inf weights for layer {target.name} (its weights "
+                               "or statistics are too extreme); nothing written")
+        set_module(model, target.name, pair)
         edits.append(LowRankPair(target.name, k))
         reports.append(LayerReport(
             target.name, old, k, "projected",

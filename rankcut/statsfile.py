@@ -15,12 +15,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from torch import nn
 
+from .archs import InputContract
 from .errors import RankcutError
+from .layers import out_width
 from .fileio import atomic_write, require_file
 from .safenpz import read_npz
 from .stats import Moments
-from .targets import Target
+from .targets import Target, trace
 
 FORMAT = "rankcut-stats/1"
 GRAD_KEYS = ("grad_count", "hessian", "grad_m2")
@@ -98,7 +101,7 @@ def _meta(arrays: dict, path: str) -> dict:
         raise RankcutError(f"{path} is not a rankcut statistics file (no metadata); make one with rankcut stats")
     try:
         meta = json.loads(str(raw[0]))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON arrays nested millions deep
         raise RankcutError(f"{path} has damaged metadata") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise RankcutError(f"{path} is not a {FORMAT} statistics file")
@@ -115,17 +118,92 @@ def load_stats(path: str | os.PathLike) -> StatsFile:
     try:
         loss, digest, samples = meta["loss"], str(meta["checkpoint"]), int(meta["samples"])
         entries = [(str(e["name"]), e["bn"], int(e["channels"])) for e in meta["layers"]]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(1e400)
         raise RankcutError(f"{path} has damaged metadata") from None
+    if loss is not None and not isinstance(loss, str):
+        raise RankcutError(f"{path} has damaged metadata (loss must be a name)")
     for name, bn, c in entries:
         if c < 1:
             raise RankcutError(f"{path}: layer {name} declares {c} channels")
         count = float(_array(arrays, f"{name}/count", (), path))
+        if count < 0:
+            raise RankcutError(f"{path}: layer {name} has a negative sample count ({count:g})")
         moments = Moments(count, _array(arrays, f"{name}/mean", (c,), path), _array(arrays, f"{name}/m2", (c, c), path))
         grad = {}
         if loss is not None:
             grad["grad_count"] = _array(arrays, f"{name}/grad_count", (), path)
+            if grad["grad_count"] < 0:
+                raise RankcutError(f"{path}: layer {name} has a negative gradient sample count")
             grad |= {k: _array(arrays, f"{name}/{k}", (c, c), path) for k in GRAD_KEYS[1:]}
         layers[name] = LayerStats(Target(name, bn if isinstance(bn, str) else None), moments, grad)
     info = {k: v for k, v in meta.items() if k not in ("format", "checkpoint", "samples", "loss", "layers")}
     return StatsFile(digest, samples, layers, loss, info)
+
+
+def check_fits(stats: StatsFile, model: nn.Module, contract: InputContract, path: str) -> None:
+    """Refuse statistics whose layers are not the model's targets, or have another width or capture point.
+
+    Statistics made by ``rankcut stats`` for this checkpoint always fit (its digest is checked too); this
+    guards against files edited by hand or damaged in a way that kept the digest.
+    """
+    found = {t.name: t for t in trace(model, contract)[0]}
+    for name, s in stats.layers.items():
+        if name not in found:
+            raise RankcutError(f"{path}: layer {name!r} is not a target layer of the checkpoint "
+                               f"(targets: {', '.join(list(found)[:6])}{', ...' if len(found) > 6 else ''})")
+        if s.target.bn != found[name].bn:
+            raise RankcutError(f"{path}: layer {name} was measured at {s.target.capture}, but in the checkpoint "
+                               f"its output is {found[name].capture}'s")
+        width = out_width(model.get_submodule(name))
+        if s.channels != width:
+            raise RankcutError(f"{path}: layer {name} has {s.channels} channels in the statistics, {width} in the model")
+
+
+# Variances below these are rounding noise: the sums are float32 products accumulated in float64, so
+# relative errors of ~1e-7 per product are expected, relative to the largest variance and, where the
+# outputs barely vary, to their squared size.
+RANK_TOLERANCE = 1e-5
+MEAN_TOLERANCE = 1e-10
+
+
+def _noise_floor(stats: LayerStats, values: torch.Tensor) -> float:
+    top = values.max().item() if len(values) else 0.0
+    return max(top * RANK_TOLERANCE, stats.moments.mean.pow(2).max().item() * MEAN_TOLERANCE, 1e-300)
+
+
+def numerical_rank(stats: LayerStats) -> int:
+    """How many directions the layer's outputs actually vary in: eigenvalues of the covariance above noise."""
+    values = torch.linalg.eigvalsh(stats.moments.covariance)
+    return int((values > _noise_floor(stats, values)).sum())
+
+
+def rank_warning(name: str, stats: LayerStats, samples: int, limit: int | None = None) -> str | None:
+    """One line saying why a layer's covariance is rank-deficient, or None when it is as full as it can be.
+
+    ``limit`` is the most the layer's structure allows (``layers.max_rank``: a conv with 9 inputs per
+    output has rank at most 9 whatever the data). With fewer observed positions than channels the
+    covariance has rank at most positions - 1, and the line says how many samples would be enough;
+    otherwise constant (dead) channels or inputs that vary in few directions are reported. PCA stays
+    exact on the data's span either way: projecting to a rank at least the reported one loses nothing
+    on this data, but directions beyond it are not learned from the data.
+    """
+    c = stats.channels
+    bound = c if limit is None else min(c, limit)
+    values = torch.linalg.eigvalsh(stats.moments.covariance)
+    floor = _noise_floor(stats, values)
+    rank = int((values > floor).sum())
+    if rank >= bound:
+        return None
+    count = int(stats.moments.count)
+    per_sample = max(1, round(count / samples)) if samples > 0 else 1
+    if count <= bound:
+        need = -(-(bound + 1) // per_sample)
+        return (f"layer {name} has {c} channels but the statistics saw only {count:,} positions "
+                f"({samples:,} samples x {per_sample:,}); its covariance has rank {rank} < {bound}: "
+                f"use at least {need:,} samples (several times more for a stable estimate)")
+    variances = torch.diagonal(stats.moments.covariance)
+    constant = int((variances <= floor).sum())
+    why = (f"{constant} of its channels are constant on this data" if constant else
+           "the data varies in few directions; more, or more varied, samples may help")
+    return (f"layer {name}: its covariance has rank {rank} < {bound} over {count:,} positions ({why}); "
+            f"rank {rank} already keeps all the variation this data shows")

@@ -25,6 +25,8 @@ def read_xy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if "x" not in arrays:
         raise RankcutError(f"{path} has no tensor named x (found: {', '.join(sorted(arrays)) or 'nothing'})")
     x, y = arrays["x"], arrays.get("y")
+    if x.dim() not in (3, 4):
+        raise RankcutError(f"{path}: x must be N,C,H,W or N,H,W; got shape {tuple(x.shape)}")
     if not (x.dtype == torch.uint8 or x.is_floating_point()):
         raise RankcutError(f"{path}: x must be uint8 (0..255) or floating point (0..1), not {x.dtype}")
     if y is not None and (y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool):

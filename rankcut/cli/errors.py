@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 import typer
 
 from ..errors import RankcutError
+from ..fileio import written
 
 
 def _user_error(e: BaseException) -> str | None:
@@ -33,10 +35,12 @@ def one_line_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        before = len(written())  # in-process callers (tests, notebooks) run many commands
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            _say("error: interrupted; no output was written")
+            done = written()[before:]
+            _say(f"error: interrupted; {', '.join(done) + ' had already been written' if done else 'no output was written'}")
             raise typer.Exit(130) from None
         except Exception as e:
             message = _user_error(e)
@@ -54,6 +58,16 @@ def _say(line: str) -> None:
 
 
 def one_line(message: str) -> str:
-    """``message`` as one line: its first non-empty line (torch errors append pages of C++ frames)."""
+    """``message`` as one line: its first non-empty line (torch errors append pages of C++ frames).
+
+    An error re-raised from a DataLoader worker starts with "Caught X in DataLoader worker process N."
+    and ends with the worker's own "module.X: message" line: that last line is the useful one.
+    """
     lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and _WORKER.match(lines[0]):
+        return _QUALIFIED.sub("", lines[-1])
     return lines[0] if lines else "unknown error"
+
+
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.$")
+_QUALIFIED = re.compile(r"^[\w.]+(Error|Exception): ")

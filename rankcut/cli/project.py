@@ -19,7 +19,7 @@ from ..layers import LowRank, current_rank
 from ..measure import count_macs, count_params
 from ..methods import DATA_FREE, METHODS
 from ..project import LayerReport, layer_cost, project_model
-from ..statsfile import StatsFile, load_stats
+from ..statsfile import StatsFile, check_fits, load_stats
 from ..targets import Target, select
 from .options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed
 
@@ -139,6 +139,7 @@ def project(
     if stats_path is not None:
         stats = load_stats(stats_path)
         _check_stats(stats, checkpoint, stats_path)
+        check_fits(stats, model, meta.input, stats_path)
         targets, layer_stats = _stats_targets(stats, layers, exclude, stats_path), stats.layers
     else:
         targets, layer_stats = select(model, meta.input, layers, exclude), {}

@@ -14,7 +14,8 @@ from ..console import Reporter
 from ..dist import setup, teardown
 from ..errors import RankcutError
 from ..fileio import check_output, file_digest
-from ..statsfile import LayerStats, StatsFile, load_stats, save_stats
+from ..layers import max_rank
+from ..statsfile import LayerStats, StatsFile, load_stats, rank_warning, save_stats
 from ..stats import LOSSES, collect_gradients, collect_moments
 from ..targets import select
 from .options import BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet, Samples, Seed, Workers
@@ -87,7 +88,7 @@ def stats(
     ctx = setup(device)
     try:
         report = Reporter(quiet, json_out, ctx.primary)
-        check_output(output, [checkpoint], force)
+        check_output(output, [checkpoint, data], force)
         model, meta = load_with_meta(checkpoint, ctx.device)
         targets = select(model, meta.input, layers, exclude)
         dataset = datasets.subset(datasets.open_data(data, meta.input, seed=seed), samples, seed)
@@ -104,6 +105,10 @@ def stats(
         info = {"data": data, "seed": seed, **({"probes": probes} if grad else {})}
         result = StatsFile(file_digest(checkpoint), len(dataset), layer_stats, loss=grad, info=info)
         if ctx.primary:
+            for name, s in layer_stats.items():
+                warning = rank_warning(name, s, len(dataset), max_rank(model.get_submodule(name)))
+                if warning:
+                    report.warn(warning)
             save_stats(result, output)
             summary_data, table = summary(result, f"{output}: {len(dataset):,} samples")
             report.result({"output": output, **summary_data}, table)
