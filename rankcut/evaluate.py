@@ -16,7 +16,7 @@ from .archs import InputContract
 from .data import UNLABELED, loader, shard
 from .errors import RankcutError
 
-SUMS = ("samples", "labeled", "top1", "topk", "ce", "ref_top1", "ref_topk", "ref_ce", "agree", "kl")
+SUMS = ("samples", "labeled", "top1", "topk", "ce", "ref_top1", "ref_topk", "ref_ce", "agree", "kl", "nonfinite")
 TOP_K = 5
 
 
@@ -79,20 +79,23 @@ def batch_sums(logits: torch.Tensor, labels: torch.Tensor, k: int,
     def scores(z: torch.Tensor) -> list[torch.Tensor]:
         z = z.double()
         top = z.topk(k, dim=1).indices
-        hit1 = (top[:, 0] == labels) & labeled
-        hitk = (top == labels[:, None]).any(dim=1) & labeled
+        finite = torch.isfinite(z).all(dim=1)  # NaN logits name no class: count them as wrong, not as class 0
+        hit1 = (top[:, 0] == labels) & labeled & finite
+        hitk = (top == labels[:, None]).any(dim=1) & labeled & finite
         ce = nn.functional.cross_entropy(z, safe, reduction="none")
         return [hit1.sum().double(), hitk.sum().double(), torch.where(labeled, ce, 0.0).sum()]
 
     zero = logits.new_zeros((), dtype=torch.float64)
     parts = [zero + len(labels), labeled.sum().double(), *scores(logits)]
+    nonfinite = ~torch.isfinite(logits).all(dim=1)
     if ref_logits is None:
         parts += [zero] * 5
     else:
         log_p, log_q = ref_logits.double().log_softmax(1), logits.double().log_softmax(1)
-        agree = (logits.argmax(1) == ref_logits.argmax(1)).sum().double()
+        agree = ((logits.argmax(1) == ref_logits.argmax(1)) & ~nonfinite).sum().double()
         parts += [*scores(ref_logits), agree, (log_p.exp() * (log_p - log_q)).sum()]
-    return torch.stack(parts)
+        nonfinite |= ~torch.isfinite(ref_logits).all(dim=1)
+    return torch.stack(parts + [nonfinite.sum().double()])
 
 
 def summarize(sums: torch.Tensor, k: int, with_reference: bool) -> dict:
@@ -104,7 +107,7 @@ def summarize(sums: torch.Tensor, k: int, with_reference: bool) -> dict:
         return s[key] / over if over else None
 
     out = {"samples": n, "labeled": m, "k": k, "top1": mean("top1", m), "top5": mean("topk", m),
-           "loss": mean("ce", m)}
+           "loss": mean("ce", m), "nonfinite": int(s["nonfinite"])}
     if with_reference:
         out["reference"] = {"top1": mean("ref_top1", m), "top5": mean("ref_topk", m), "loss": mean("ref_ce", m)}
         out["agreement"], out["kl"] = mean("agree", n), mean("kl", n)

@@ -76,6 +76,9 @@ def evaluate(
                 result["ratios"]["latency"] = result["latency"]["batch_ms"] / ref["latency"]["batch_ms"]
     finally:
         dist.teardown(ctx)
+    if result["nonfinite"]:
+        report.warn(f"the model{'s' if reference else ''} gave NaN or Inf outputs for {result['nonfinite']:,} of "
+                    f"{result['samples']:,} samples (counted as wrong; the loss is not meaningful)")
     report.result(result, _table(result))
 
 
