@@ -21,7 +21,6 @@ from rich.console import Console
 from rich.table import Table
 
 from rankcut import archs
-from rankcut.archs import InputContract
 from rankcut.budget import ranks_from_keep
 from rankcut.dist import Context
 from rankcut.latency import measure_latency

@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from cli_helpers import rankcut
 from rankcut.checkpoint import load_with_meta, save
-from rankcut.cli import app
 from rankcut.data import open_data
 from rankcut.edits import LowRankPair, get_module, set_module
 from rankcut.evaluate import SUMS, batch_sums, summarize
 from rankcut.latency import measure_latency
 from rankcut.layers import project_layer
 from rankcut.measure import count_macs, count_params
-
-
-def rankcut(*args, fails: bool = False):
-    """Run the CLI in-process; on success return the parsed --json result, on failure the one error line."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    shown = f"rankcut {' '.join(map(str, args))}\n{result.stdout}\n{result.stderr}"
-    if fails:
-        lines = result.stderr.splitlines()
-        assert result.exit_code != 0 and result.stdout == "" and len(lines) == 1, shown
-        return lines[0]
-    assert result.exit_code == 0, shown
-    if "--json" in args:
-        assert result.stdout.count("\n") == 1, "--json prints exactly one line"
-        return json.loads(result.stdout)
-    return result
 
 
 def logits_of(path, data: str) -> np.ndarray:

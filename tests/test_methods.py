@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from rankcut import archs
-from rankcut.checkpoint import CheckpointMeta, save
 from rankcut.data import mnist5k
 from rankcut.dist import Context
 from rankcut.edits import get_module

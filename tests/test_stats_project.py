@@ -9,7 +9,7 @@ from torch import nn
 
 from rankcut import archs
 from rankcut.archs import InputContract
-from rankcut.checkpoint import CheckpointMeta, load_with_meta, save
+from rankcut.checkpoint import load_with_meta
 from rankcut.dist import Context
 from rankcut.edits import get_module
 from rankcut.layers import LowRank

@@ -3,7 +3,6 @@ after projection, distillation on unlabelled data, and the failure modes (NaN, b
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -11,31 +10,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_helpers import rankcut
 from rankcut.checkpoint import load_with_meta, read_meta, save
-from rankcut.cli import app
 from rankcut.data import open_data
 from rankcut.dist import Context
 from rankcut.edits import LowRankPair, get_module, ranks, set_module
 from rankcut.errors import RankcutError
 from rankcut.layers import project_layer
+from rankcut.cli import app
 from rankcut.train import DistillationLoss, TrainConfig, fit, lr_at, parameter_digest
 
 RECIPE = ["--optimizer", "adamw", "--lr", "2e-3", "-b", "32", "--device", "cpu"]
-
-
-def rankcut(*args, fails: bool = False):
-    """Run the CLI in-process; on success return the parsed --json result, on failure the one error line."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    shown = f"rankcut {' '.join(map(str, args))}\n{result.stdout}\n{result.stderr}"
-    if fails:
-        lines = result.stderr.splitlines()
-        assert result.exit_code != 0 and result.stdout == "" and len(lines) == 1, shown
-        assert lines[0].startswith("error: ") and "Traceback" not in result.stderr, shown
-        return lines[0]
-    assert result.exit_code == 0, shown
-    return json.loads(result.stdout) if "--json" in args else result
 
 
 def digits_npz(path, n: int, labels: bool = True, offset: int = 0):

@@ -1,0 +1,47 @@
+"""Running the CLI in-process from tests, checking its conventions (DESIGN §6) on the way."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from rankcut.cli import app
+
+
+def run(args, *, fails: bool = False, env: dict | None = None):
+    """Run ``rankcut ARGS`` in-process and check the CLI conventions (DESIGN §6) on the way.
+
+    Success: exit 0 and, with ``--json``, stdout is exactly one JSON object (parsed into ``result.data``).
+    ``fails=True``: a non-zero exit, nothing on stdout, exactly one ``error: ...`` line on stderr and no
+    traceback. An exception escaping the command is a bug in rankcut and is re-raised with its traceback.
+    Typer's typer.testing.CliRunner always keeps stdout and stderr apart (``result.stdout``/``.stderr``).
+    """
+    args = [str(a) for a in args]
+    result = CliRunner().invoke(app, args, env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    shown = f"rankcut {' '.join(args)}\n--- stdout:\n{result.stdout}\n--- stderr:\n{result.stderr}"
+    assert "Traceback" not in result.stdout + result.stderr, shown
+    if fails:
+        assert result.exit_code != 0, shown
+        assert result.stdout == "", shown
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), shown
+        result.message = lines[0]
+        return result
+    assert result.exit_code == 0, shown
+    if "--json" in args:
+        assert result.stdout.count("\n") == 1, shown
+        result.data = json.loads(result.stdout)
+        assert isinstance(result.data, dict), shown
+    return result
+
+
+
+def rankcut(*args, fails: bool = False):
+    """``rankcut ARGS``: the parsed ``--json`` result (else the Result), or with ``fails`` the error line."""
+    result = run(args, fails=fails)
+    if fails:
+        return result.message
+    return result.data if "--json" in map(str, args) else result
