@@ -19,8 +19,8 @@ from torch import nn
 
 from .archs import InputContract
 from .errors import RankcutError
-from .layers import out_width
 from .fileio import atomic_write, require_file
+from .layers import out_width
 from .safenpz import read_npz
 from .stats import Moments
 from .targets import Target, trace
@@ -166,15 +166,16 @@ RANK_TOLERANCE = 1e-5
 MEAN_TOLERANCE = 1e-10
 
 
-def _noise_floor(stats: LayerStats, values: torch.Tensor) -> float:
-    top = values.max().item() if len(values) else 0.0
-    return max(top * RANK_TOLERANCE, stats.moments.mean.pow(2).max().item() * MEAN_TOLERANCE, 1e-300)
+def _rank_and_floor(stats: LayerStats) -> tuple[int, float]:
+    """The numerical rank of the covariance, and the variance below which a direction is noise."""
+    values = torch.linalg.eigvalsh(stats.moments.covariance)
+    floor = max(values.max().item() * RANK_TOLERANCE, stats.moments.mean.pow(2).max().item() * MEAN_TOLERANCE, 1e-300)
+    return int((values > floor).sum()), floor
 
 
 def numerical_rank(stats: LayerStats) -> int:
     """How many directions the layer's outputs actually vary in: eigenvalues of the covariance above noise."""
-    values = torch.linalg.eigvalsh(stats.moments.covariance)
-    return int((values > _noise_floor(stats, values)).sum())
+    return _rank_and_floor(stats)[0]
 
 
 def rank_warning(name: str, stats: LayerStats, samples: int, limit: int | None = None) -> str | None:
@@ -189,9 +190,7 @@ def rank_warning(name: str, stats: LayerStats, samples: int, limit: int | None =
     """
     c = stats.channels
     bound = c if limit is None else min(c, limit)
-    values = torch.linalg.eigvalsh(stats.moments.covariance)
-    floor = _noise_floor(stats, values)
-    rank = int((values > floor).sum())
+    rank, floor = _rank_and_floor(stats)
     if rank >= bound:
         return None
     count = int(stats.moments.count)
