@@ -12,9 +12,10 @@ a predicted loss in one currency shared by all layers:
 - ``random`` predicts nothing, so it cannot share a budget.
 
 ``allocate`` minimises the summed loss under the budget: the Lagrangian sweep (every layer picks the option
-minimising ``loss + lambda * cost``) solved exactly on each layer's lower convex hull, then a greedy fix-up
-that spends what the sweep left over, so the total never exceeds the budget and usually lands within 2%
-below it.
+minimising ``loss + lambda * cost``, solved exactly on each layer's lower convex hull) beside a small
+knapsack that also sees the options off the hull, each followed by a greedy fix-up that spends what is
+left; the better answer wins. The total never exceeds the budget, and lands within 2% below it unless
+one step of the layers that could still use it costs more than that (``Allocation.note`` says so).
 """
 
 from __future__ import annotations
