@@ -122,8 +122,11 @@ def basis_for(model: nn.Module, target: Target, stats: LayerStats | None, method
         bn = get_module(model, target.bn)
         if isinstance(bn, nn.modules.batchnorm._BatchNorm):
             layer = fold_batchnorm(layer, bn)
-    with torch.no_grad():
-        return METHODS[method](layer, stats, **options)
+    try:
+        with torch.no_grad():
+            return METHODS[method](layer, stats, **options)
+    except torch.linalg.LinAlgError as e:  # as project_model: one line, never a traceback
+        raise RankcutError(f"--method {method} failed on layer {target.name}: {str(e).splitlines()[0][:160]}") from None
 
 
 # ---------------------------------------------------------------------------------------------- options
