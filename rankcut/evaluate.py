@@ -118,13 +118,24 @@ def evaluate(model: nn.Module, dataset: Dataset, classes: int, *, device: torch.
              workers: int = 0, reference: nn.Module | None = None, ctx: dist.Context | None = None,
              progress=None) -> dict:
     """Evaluate ``model`` (and ``reference``) on ``dataset``; under torchrun each process takes a shard."""
+    return evaluate_many([model], dataset, classes, device=device, batch_size=batch_size, workers=workers,
+                         reference=reference, ctx=ctx, progress=progress)[0]
+
+
+def evaluate_many(models: list[nn.Module], dataset: Dataset, classes: int, *, device: torch.device,
+                  batch_size: int, workers: int = 0, reference: nn.Module | None = None,
+                  ctx: dist.Context | None = None, progress=None) -> list[dict]:
+    """Evaluate several models (each against ``reference``) in one pass over ``dataset``.
+
+    One pass, so each batch is loaded and the reference run once however many models are compared.
+    """
     ctx = ctx or dist.Context(0, 1, device)
     part = shard(dataset, ctx.rank, ctx.world)
     k = min(TOP_K, classes)
-    sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
-    models = [m for m in (model, reference) if m is not None]
-    modes = [m.training for m in models]
-    for m in models:
+    sums = torch.zeros(len(models), len(SUMS), dtype=torch.float64, device=device)
+    everything = list(models) + ([reference] if reference is not None else [])
+    modes = [m.training for m in everything]
+    for m in everything:
         m.eval()
     try:
         if len(part):
@@ -135,13 +146,14 @@ def evaluate(model: nn.Module, dataset: Dataset, classes: int, *, device: torch.
                     check_labels(y, classes, False, "the evaluation data")
                     x = x.to(device)
                     ref = reference(x).float() if reference is not None else None
-                    sums += batch_sums(model(x).float(), y, k, ref)
+                    for i, model in enumerate(models):
+                        sums[i] += batch_sums(model(x).float(), y, k, ref)
                     if task is not None:
                         progress.update(task, advance=1)
             if task is not None:
                 progress.remove_task(task)
     finally:
-        for m, mode in zip(models, modes):
+        for m, mode in zip(everything, modes):
             m.train(mode)
     dist.all_reduce_sum_([sums], ctx)
-    return summarize(sums, k, reference is not None)
+    return [summarize(row, k, reference is not None) for row in sums]
