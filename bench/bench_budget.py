@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.testing import CliRunner
 
+from common import show
 from rankcut.budget import layer_options, ranks_from_keep
 from rankcut.checkpoint import load_with_meta
 from rankcut.cli import app
@@ -149,19 +150,19 @@ def main() -> None:
     rows = [r for rs, _ in results for r in rs]
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "bases": [i for _, i in results]}, indent=1))
-    console = Console(width=160)
     for arch_rows, info in results:
-        console.print(f"{info['arch']} on mnist5k: base top-1 {info['top1']:.4f} after {args.base_epochs} epochs; "
-                      f"stats on {args.samples} images (--grad kl); fine-tune 1 epoch at lr {args.lr:g}")
-        table = Table("MACs budget", "method", "allocation", "MACs", "params", "top-1 projected", "top-1 +1 epoch")
+        table = Table("MACs budget", "method", "allocation", "MACs", "params", "top-1 projected", "top-1 +1 epoch",
+                      title=f"{info['arch']} on mnist5k: base top-1 {info['top1']:.4f} after {args.base_epochs} "
+                      f"epochs; stats on {args.samples} images (--grad kl); fine-tune 1 epoch at lr {args.lr:g}",
+                      title_justify="left")
         for r in arch_rows:
             alloc = "--macs" if r["alloc"] == "budget" else f"--keep {r['keep']:.4f}"
             table.add_row(f"{100 * r['fraction']:.2f}%", r["method"], alloc, f"x{r['macs']:.4f}", f"x{r['params']:.4f}",
                           f"{r['before']:.4f}", f"{r['after']:.4f}")
             if r["alloc"] == "uniform" and r["method"] == args.methods[-1]:
                 table.add_section()
-        console.print(table)
-    console.print(f"{machine()}; whole run {time.perf_counter() - started:.0f} s")
+        show(table)
+    Console(width=160).print(f"{machine()}; whole run {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ its rank with the data-free ``svd`` method. Layers where half the rank would not
 1x1 downsampling convs, which widen) stay whole, as ``rankcut project`` leaves them. The basis does not
 change cost, so an SVD stands in for the data-driven methods here; accuracy is not measured.
 
-    python bench/bench_finetune_eval.py [--threads N]
+    python bench/bench_finetune_eval.py [--threads N] [--archs rankcut:mnist-cnn] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from common import show
 from rankcut import archs
 from rankcut.checkpoint import CheckpointMeta
 from rankcut.data import open_data
@@ -65,7 +66,7 @@ def train_throughput(model: torch.nn.Module, meta: CheckpointMeta, batch: int, i
     return summaries[-1].images_per_s
 
 
-def measure(arch: str) -> list[tuple[str, float, float]]:
+def measure(arch: str, rounds: int = 7) -> list[tuple[str, float, float]]:
     """(figure, original, compressed) rows for one architecture."""
     meta = CheckpointMeta(arch, {}, archs.default_input(arch, {}))
     torch.manual_seed(0)
@@ -75,7 +76,7 @@ def measure(arch: str) -> list[tuple[str, float, float]]:
     for label, fn in [("MACs", lambda m: count_macs(m, meta.input)[0]), ("params", count_params)]:
         rows.append((label, fn(original), fn(compressed)))
     for batch in (1, 32):
-        rows.append((f"latency ms, batch {batch}", *paired_latency(original, compressed, meta, batch)))
+        rows.append((f"latency ms, batch {batch}", *paired_latency(original, compressed, meta, batch, rounds)))
     batch, images = CASES[arch]
     rows.append((f"fine-tune img/s, batch {batch}",
                  *(train_throughput(m, meta, batch, images) for m in (original, compressed))))
@@ -85,18 +86,20 @@ def measure(arch: str) -> list[tuple[str, float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--archs", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--rounds", type=int, default=7, help="alternating latency rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     table = Table("model", "figure", "original", "rank x0.5 (svd)", "ratio",
                   title=f"Rank 0.5 of every target; CPU, {args.threads} threads, torch {torch.__version__}")
-    for arch in CASES:
+    for arch in args.archs:
         start = time.perf_counter()
-        for label, a, b in measure(arch):
+        for label, a, b in measure(arch, args.rounds):
             fmt = "{:,.0f}" if label in ("MACs", "params") else "{:,.2f}"
             table.add_row(arch.partition(":")[2], label, fmt.format(a), fmt.format(b), f"{b / a:.3f}")
         table.add_section()
         Console(stderr=True).print(f"{arch}: {time.perf_counter() - start:.0f} s")
-    Console(width=120).print(table)
+    show(table)
 
 
 if __name__ == "__main__":

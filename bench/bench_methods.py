@@ -1,6 +1,6 @@
 """Methods compared on real digits before and after fine-tuning, and the cost of ``stats --grad`` (issue 4).
 
-    python bench/bench_methods.py [--out DIR] [--epochs 4]
+    python bench/bench_methods.py [--out DIR] [--epochs 4] [--quick]
 
 Trains ``rankcut:mnist-cnn`` on mnist5k:train with a fixed seeded recipe, gathers statistics with
 ``--grad kl`` and ``--grad mse``, then for every method and ``--keep`` in 0.5 ... 0.0625: MACs, test accuracy
@@ -59,32 +59,38 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1,000 training images, 1 epoch, keep 0.25, pca/fisher/svd, a small cost pass")
     args = p.parse_args()
+    keeps, methods, samples, subset = KEEPS, METHODS, 2000, []
+    if args.quick:
+        keeps, methods, samples, subset = (0.25,), [("pca", "kl"), ("fisher", "kl"), ("svd", None)], 500, ["-n", 1000]
+        args.epochs = 1
     out = args.out or Path(tempfile.mkdtemp(prefix="rankcut-bench-"))
     out.mkdir(parents=True, exist_ok=True)
 
     base = out / "base.safetensors"
     rankcut("init", "--arch", "rankcut:mnist-cnn", "--seed", "0", "-o", out / "init.safetensors")
     rankcut("finetune", out / "init.safetensors", "--data", "mnist5k:train", "-o", base, "--epochs", args.epochs,
-            "--lr", "2e-3", "--batch-size", "32", "--seed", "0", "--quiet")
+            "--lr", "2e-3", "--batch-size", "32", "--seed", "0", "--quiet", *subset)
     original = accuracy(base)
-    for loss in ("kl", "mse"):
-        rankcut("stats", base, "--data", "mnist5k:train", "--samples", "2000", "--grad", loss, "--probes", "2",
+    for loss in sorted({loss for _, loss in methods if loss}):
+        rankcut("stats", base, "--data", "mnist5k:train", "--samples", samples, "--grad", loss, "--probes", "2",
                 "-o", out / f"stats-{loss}.npz", "--quiet")
 
     table = Table("method", "keep", "MACs", "acc. projected", "acc. +1 epoch", title=(
         f"rankcut:mnist-cnn on mnist5k (trained {args.epochs} epochs: {100 * original['top1']:.2f}% test, "
         f"{original['macs']:,} MACs)"), title_justify="left")
     headline = {}
-    for method, loss in METHODS:
+    for method, loss in methods:
         name = method if method in ("pca", "svd", "l1", "random") else f"{method} ({loss})"
         headline[name] = None
-        for keep in KEEPS:
+        for keep in keeps:
             small, tuned = out / f"{method}-{loss}-{keep}.safetensors", out / f"{method}-{loss}-{keep}-ft.safetensors"
             stats = ["--stats", out / f"stats-{loss}.npz"] if loss else []
             rankcut("project", base, *stats, "--method", method, "--keep", keep, "-o", small, "--quiet")
             before = accuracy(small)
-            rankcut("finetune", small, "--data", "mnist5k:train", "-o", tuned, *TUNE)
+            rankcut("finetune", small, "--data", "mnist5k:train", "-o", tuned, *TUNE, *subset)
             after = accuracy(tuned)
             fraction = before["macs"] / original["macs"]
             if original["top1"] - before["top1"] <= 0.01:
@@ -100,8 +106,9 @@ def main() -> None:
         summary.add_row(name, "none tried" if fraction is None else f"{fraction:.3f}")
     show(summary)
 
-    forward, stats, grad = grad_cost()
-    cost = Table("pass over 64 images, batch 32", "seconds", "x forward",
+    images, batch = (16, 8) if args.quick else (64, 32)
+    forward, stats, grad = grad_cost(images, batch)
+    cost = Table(f"pass over {images} images, batch {batch}", "seconds", "x forward",
                  title="torchvision:resnet18 3x224x224, CPU", title_justify="left")
     for label, seconds in (("plain forward", forward), ("stats", stats), ("stats --grad kl (target <= 4.5x)", grad)):
         cost.add_row(label, f"{seconds:.2f}", f"{seconds / forward:.2f}")

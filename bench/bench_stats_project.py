@@ -17,7 +17,6 @@ import sys
 import time
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from rankcut import archs
@@ -84,6 +83,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args.child, args.arch, args.images, args.batch)
+    from common import show  # not in the children: their peak memory should be rankcut's alone
 
     model, contract, batches = setup(args.arch, args.images, args.batch)
     forward_pass(model, batches[:1])  # warm-up
@@ -112,7 +112,7 @@ def main() -> None:
     table.add_row("project --keep 0.5: MACs ratio", f"{macs1 / macs0:.3f}  ({macs1 / 1e9:.3f} / {macs0 / 1e9:.3f} G)")
     for b, (orig, comp) in lat.items():
         table.add_row(f"latency ratio, batch {b}", f"{comp / orig:.3f}  ({comp:.1f} / {orig:.1f} ms)")
-    Console(width=140).print(table)
+    show(table)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""What the benchmark scripts share: running rankcut commands in-process and printing dated tables."""
+"""What the benchmark scripts share: running rankcut commands in-process and printing dated tables.
+
+Every table a script prints through ``show`` is also recorded (``TABLES``) and, when the environment
+variable ``RANKCUT_BENCH_MARKDOWN`` names a file, appended to it as markdown: that is how
+``bench/run_all.py`` collects the README's tables from scripts it runs in their own processes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import time
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from typer.testing import CliRunner
 
 from rankcut.cli import app
@@ -32,8 +38,48 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
+TABLES: list[tuple[Table, str]] = []  # (table, machine line) for every table shown in this process
+MARKDOWN_ENV = "RANKCUT_BENCH_MARKDOWN"
+
+
 def show(table: Table) -> None:
-    """Print a table, then the machine line, wide enough not to wrap."""
+    """Print a table, then the machine line, wide enough not to wrap; record both (see the module docstring)."""
+    line = machine()
     console = Console(width=160)
     console.print(table)
-    console.print(f"[dim]{machine()}[/dim]")
+    console.print(f"[dim]{line}[/dim]")
+    TABLES.append((table, line))
+    target = os.environ.get(MARKDOWN_ENV)
+    if target:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(markdown(table, line) + "\n")
+
+
+def plain(cell) -> str:
+    """A rich renderable (markup string or Text) as plain text."""
+    if isinstance(cell, Text):
+        return cell.plain
+    if isinstance(cell, str):
+        return Text.from_markup(cell).plain
+    return str(cell)
+
+
+def _md_cell(cell) -> str:
+    return plain(cell).replace("|", "\\|").replace("\n", "<br>").strip()
+
+
+def markdown(table: Table, footer: str | None = None) -> str:
+    """A rich Table as a GitHub markdown table: bold title, header, right-aligned numbers, caption, footer."""
+    out = []
+    if table.title:
+        out += [f"**{_md_cell(table.title)}**", ""]
+    align = {"right": "---:", "center": ":---:"}
+    out.append("| " + " | ".join(_md_cell(c.header) or " " for c in table.columns) + " |")
+    out.append("|" + "|".join(align.get(c.justify, "---") for c in table.columns) + "|")
+    for cells in zip(*(list(c.cells) for c in table.columns)):
+        out.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    if table.caption:
+        out += ["", _md_cell(table.caption)]
+    if footer:
+        out += ["", f"*{footer}*"]
+    return "\n".join(out) + "\n"
