@@ -5,7 +5,7 @@ set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) when the command ends; 
 only imports rankcut and torch gives the floor. ``stats`` keeps sums, never activations, so the peak at
 10 N should be within a few per cent of the peak at N (the script fails if it is not within 10%).
 
-    python bench/bench_memory.py                      # rankcut:mnist-cnn, N = 400, with and without --grad kl
+    python bench/bench_memory.py                      # rankcut:mnist-cnn, N = 1000, with and without --grad kl
     python bench/bench_memory.py --arch rankcut:small-resnet -n 200
 """
 
@@ -36,25 +36,27 @@ try:
         import torch, rankcut.cli  # the floor: what every command pays before doing anything
 finally:
     with open(out, "w") as f:
-        json.dump({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, f)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        json.dump({"maxrss_kib": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime}, f)
 """
 
 
-def peak(args: list[str], folder: Path) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of one fresh process running ``rankcut ARGS`` (or only the imports)."""
+def peak(args: list[str], folder: Path) -> tuple[float, float, float]:
+    """(peak RSS in MiB, wall s, CPU s) of one fresh process running ``rankcut ARGS`` (or only the imports)."""
     report = folder / "rss.json"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, str(report), *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"rankcut {' '.join(args)} failed:\n{proc.stderr}")
-    return json.loads(report.read_text())["maxrss_kib"] / 1024, seconds
+    usage = json.loads(report.read_text())
+    return usage["maxrss_kib"] / 1024, seconds, usage["cpu_s"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="rankcut:mnist-cnn")
-    parser.add_argument("-n", type=int, default=400, help="N: the small run's sample count (the large one is 10 N)")
+    parser.add_argument("-n", type=int, default=1000, help="N: the small run's sample count (the large one is 10 N)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-grad", action="store_true", help="skip the --grad kl rows")
     opts = parser.parse_args()
@@ -64,8 +66,8 @@ def main() -> None:
         ckpt = folder / "model.safetensors"
         subprocess.run([sys.executable, "-m", "rankcut.cli", "init", "-a", opts.arch, "-o", str(ckpt), "-q"],
                        check=True, capture_output=True)
-        floor, _ = peak([], folder)
-        table = Table("command", "samples", "batches", "wall s", "peak RSS MiB", "above import MiB", "vs N",
+        floor, _, _ = peak([], folder)
+        table = Table("command", "samples", "batches", "wall s", "CPU s", "peak RSS MiB", "above import MiB", "vs N",
                       title=f"peak memory of rankcut stats, {opts.arch}, synthetic data, batch {opts.batch_size}",
                       title_justify="left", caption=f"import rankcut + torch alone: {floor:,.0f} MiB",
                       caption_justify="left")
@@ -75,11 +77,11 @@ def main() -> None:
             for n in (opts.n, 10 * opts.n):
                 args = ["stats", str(ckpt), "--data", f"synthetic:{n}", "-b", str(opts.batch_size), "--device", "cpu",
                         "-q", "-o", str(folder / "s.npz"), *grad]
-                rss, seconds = peak(args, folder)
+                rss, seconds, cpu = peak(args, folder)
                 base = base or rss
                 worst = max(worst, abs(rss / base - 1))
                 table.add_row("stats" + (" --grad kl" if grad else ""), f"{n:,}", f"{-(-n // opts.batch_size):,}",
-                              f"{seconds:.1f}", f"{rss:,.0f}", f"{rss - floor:,.0f}", f"{rss / base:.3f}x")
+                              f"{seconds:.1f}", f"{cpu:.1f}", f"{rss:,.0f}", f"{rss - floor:,.0f}", f"{rss / base:.3f}x")
         show(table)
     if worst > 0.10:
         raise SystemExit(f"peak RSS changed by {100 * worst:.1f}% between N and 10 N samples (limit 10%)")
