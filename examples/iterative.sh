@@ -6,8 +6,9 @@
 #   TARGET=0.3 STEP=0.8 bash examples/iterative.sh
 #   BASE=rankcut-mnist/trained.safetensors bash examples/iterative.sh   # start from a trained model
 #
-# Every step is three plain commands (stats -> project -> finetune) on the previous step's output, so
-# the loop can stop and resume anywhere, and each step's checkpoint is kept (stepN.safetensors).
+# Every step is three plain commands (stats -> project -> finetune) on the previous step's output, plus an
+# eval; every file is kept (stepN.safetensors, and each command's --json result), so any step can be
+# inspected, evaluated again or used as the BASE of another run.
 #
 # Each step removes a slice of the current MACs with a global budget, `project --macs STEP` (keep at most
 # STEP of the current MACs, spent where the method predicts the least loss), and the last step asks for
@@ -75,8 +76,9 @@ while [[ $(calc "int($fraction > $TARGET + 1e-9)") == 1 ]]; do
     n=$((n + 1))
     if ((n > MAX_STEPS)); then echo "error: not at $TARGET of the MACs after $MAX_STEPS steps" >&2; exit 1; fi
     prev=step$((n - 1)).safetensors
-    # This step keeps STEP of the current MACs, or just enough to land on TARGET.
-    keep=$(calc "round(max($STEP, $TARGET / $fraction), 6)")
+    # This step keeps STEP of the current MACs, or exactly what lands on TARGET when a regular step would
+    # end within 5% above it (no sliver of a last step) or below it.
+    keep=$(calc "round($TARGET / $fraction if $fraction * $STEP < 1.05 * $TARGET else $STEP, 6)")
     say "step $n: stats, project --macs $keep, fine-tune on $TUNE_SAMPLES images"
     rankcut stats "$prev" --data mnist5k:train --device "$DEVICE" --samples "$SAMPLES" --grad kl \
         -o "step$n.stats.npz" --json > "step$n.stats.json"
@@ -96,7 +98,7 @@ while [[ $(calc "int($fraction > $TARGET + 1e-9)") == 1 ]]; do
         "$(json "step$n.eval.json" '100 * r["results"][1]["top1"]')" "step$n.safetensors")")
 done
 
-echo "rankcut:mnist-cnn, $METHOD, each step --macs $STEP of the current MACs, down to $TARGET of the base;"
+echo "$METHOD, each step --macs $STEP of the current MACs, down to $TARGET of the base model's MACs;"
 echo "MACs as a fraction of the base model's; top-1 on mnist5k:test right after the cut and after fine-tuning"
 printf '%s\n' "${trajectory[@]}"
 say "done: $(pwd)/step$n.safetensors"
