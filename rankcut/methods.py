@@ -123,7 +123,7 @@ def fisher_from(g: torch.Tensor, sigma: torch.Tensor, mu: torch.Tensor, damping:
 def svd(layer: nn.Module, stats: LayerStats | None, **_) -> Basis:
     """Data-free: left singular vectors of the weight; the bias passes through untouched."""
     w, b = _effective(layer)
-    u, svals, _ = torch.linalg.svd(w, full_matrices=True)
+    u, svals, _ = torch.linalg.svd(w, full_matrices=len(w) > w.shape[1])  # U must be square: C x C
     values = torch.zeros(len(w), dtype=torch.float64)
     values[: len(svals)] = svals.pow(2)
     up, down = _canonical(u, u.T)
