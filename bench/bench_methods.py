@@ -33,7 +33,7 @@ def accuracy(ckpt: Path) -> dict:
     return rankcut("eval", ckpt, "--data", "mnist5k:test", "--batch-size", "500", "--quiet")
 
 
-def grad_cost(images: int = 64, batch: int = 32) -> tuple[float, float, float]:
+def grad_cost(images: int, batch: int) -> tuple[float, float, float]:
     """Seconds of a plain forward pass, ``stats``, and ``stats --grad kl`` for resnet18 at 3x224x224."""
     torch.manual_seed(0)
     model = archs.build("torchvision:resnet18", {}).eval()
@@ -106,7 +106,7 @@ def main() -> None:
         summary.add_row(name, "none tried" if fraction is None else f"{fraction:.3f}")
     show(summary)
 
-    images, batch = (16, 8) if args.quick else (64, 32)
+    images, batch = (16, 8) if args.quick else (256, 32)
     forward, stats, grad = grad_cost(images, batch)
     cost = Table(f"pass over {images} images, batch {batch}", "seconds", "x forward",
                  title="torchvision:resnet18 3x224x224, CPU", title_justify="left")

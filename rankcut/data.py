@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np

@@ -21,11 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from rankcut.archs import MNIST
 from rankcut.checkpoint import load, load_with_meta, save
 from rankcut.cli import app
 from rankcut.data import open_data
-from rankcut.dist import Context
 from rankcut.edits import get_module
 from rankcut.errors import RankcutError
 from rankcut.project import project_model
