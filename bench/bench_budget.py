@@ -28,26 +28,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-from typer.testing import CliRunner
 
-from common import show
+from common import rankcut, show
 from rankcut.budget import layer_options, ranks_from_keep
 from rankcut.checkpoint import load_with_meta
-from rankcut.cli import app
 from rankcut.measure import count_macs
 from rankcut.targets import select
 
 INIT = {"rankcut:mnist-cnn": [], "torchvision:resnet18": ["--num-classes", "10", "--input", "3,28,28"]}
 TRAIN, TEST = "mnist5k:train", "mnist5k:test"
-
-
-def rankcut(*args) -> dict:
-    """``rankcut ARGS --json`` in this process; its JSON result (raise with its error line on failure)."""
-    args = [str(a) for a in args] + ["--json"]
-    result = CliRunner().invoke(app, args)
-    if result.exit_code != 0:
-        raise RuntimeError(f"rankcut {' '.join(args)} failed: {result.stderr.strip() or result.exception}")
-    return json.loads(result.stdout)
 
 
 def log(message: str) -> None:
