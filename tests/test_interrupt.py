@@ -39,7 +39,7 @@ _fsync = os.fsync
 def paused_fsync(fd):
     sys.stderr.write({MARKER!r} + "\\n")
     sys.stderr.flush()
-    time.sleep(120)
+    time.sleep(3600)  # until signalled: the test handles the processes one by one, slowly under load
     _fsync(fd)
 os.fsync = paused_fsync
 sys.argv[0] = "rankcut"
