@@ -25,13 +25,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from .edits import get_module
 from .errors import RankcutError
 from .layers import LowRank, current_rank, fold_batchnorm, out_width, pair_saves
 from .methods import METHODS, Basis
+from .project import layer_basis
 from .statsfile import LayerStats
 from .targets import Target
 
@@ -122,11 +122,7 @@ def basis_for(model: nn.Module, target: Target, stats: LayerStats | None, method
         bn = get_module(model, target.bn)
         if isinstance(bn, nn.modules.batchnorm._BatchNorm):
             layer = fold_batchnorm(layer, bn)
-    try:
-        with torch.no_grad():
-            return METHODS[method](layer, stats, **options)
-    except torch.linalg.LinAlgError as e:  # as project_model: one line, never a traceback
-        raise RankcutError(f"--method {method} failed on layer {target.name}: {str(e).splitlines()[0][:160]}") from None
+    return layer_basis(layer, target.name, stats, method, **options)
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -180,6 +176,7 @@ class Allocation:
     layers: list[LayerOptions]
     choice: dict[str, int]  # layer -> index into its options
     note: str | None = None
+    bases: dict[str, Basis] | None = None  # what the losses came from, so projecting need not redo them
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -368,12 +365,12 @@ def plan_budget(model: nn.Module, targets: list[Target], stats: dict[str, LayerS
         raise RankcutError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method == "random":
         raise RankcutError(NO_LOSS)
-    layers = []
+    layers, bases = [], {}
     for t in targets:
-        loss = comparable_loss(method, basis_for(model, t, stats.get(t.name), method, **options))
-        layers.append(layer_options(model, t, per_layer_macs, loss))
+        bases[t.name] = basis_for(model, t, stats.get(t.name), method, **options)
+        layers.append(layer_options(model, t, per_layer_macs, comparable_loss(method, bases[t.name])))
     whole = sum(int(o.cost(kind)[-1]) for o in layers)
     fixed = total_before - whole
     budget = math.floor(fraction * total_before)
     choice, note = allocate(layers, kind, budget, fixed)
-    return Allocation(kind, fraction, budget, total_before, fixed, layers, choice, note)
+    return Allocation(kind, fraction, budget, total_before, fixed, layers, choice, note, bases)

@@ -10,7 +10,7 @@ from torch import nn
 from .edits import Edit, FoldBatchNorm, LowRankPair, get_module, set_module
 from .errors import RankcutError
 from .layers import LowRank, current_rank, pair_saves, project_layer
-from .methods import METHODS, kept_variance
+from .methods import METHODS, Basis, kept_variance
 from .statsfile import LayerStats
 from .targets import Target
 
@@ -44,12 +44,23 @@ def layer_cost(model: nn.Module, name: str, per_layer_macs: dict[str, int]) -> t
     return per_layer_macs.get(name, 0), params
 
 
+def layer_basis(layer: nn.Module, name: str, stats: LayerStats | None, method: str, **options) -> Basis:
+    """``method``'s basis for one layer; a linear-algebra failure is one line, never a traceback."""
+    try:
+        with torch.no_grad():
+            return METHODS[method](layer, stats, **options)
+    except torch.linalg.LinAlgError as e:  # e.g. non-finite weights
+        raise RankcutError(f"--method {method} failed on layer {name}: {str(e).splitlines()[0][:160]}") from None
+
+
 def project_model(model: nn.Module, targets: list[Target], stats: dict[str, LayerStats], method: str,
-                  ranks: dict[str, int], *, only_if_saves: bool = True, **options) -> tuple[list[Edit], list[LayerReport]]:
+                  ranks: dict[str, int], *, only_if_saves: bool = True, bases: dict[str, Basis] | None = None,
+                  **options) -> tuple[list[Edit], list[LayerReport]]:
     """Rank-reduce each target in place to ``ranks[name]`` with ``method``; return the edits and a report.
 
     A target where the asked rank would not save MACs is left whole (with ``only_if_saves``), and so is
-    its BatchNorm. ``options`` go to the method (``damping``, ``seed``).
+    its BatchNorm. ``bases`` are already computed bases (of the BatchNorm-folded layers), e.g. by a budget
+    plan; the others are computed here. ``options`` go to the method (``damping``, ``seed``).
     """
     if method not in METHODS:
         raise RankcutError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -67,10 +78,7 @@ def project_model(model: nn.Module, targets: list[Target], stats: dict[str, Laye
             edits.append(fold)
             layer = get_module(model, target.name)
         layer_stats = stats.get(target.name)
-        try:
-            basis = METHODS[method](layer, layer_stats, **options)
-        except torch.linalg.LinAlgError as e:  # e.g. non-finite weights; never a traceback
-            raise RankcutError(f"--method {method} failed on layer {target.name}: {str(e).splitlines()[0][:160]}") from None
+        basis = (bases or {}).get(target.name) or layer_basis(layer, target.name, layer_stats, method, **options)
         up, down, mu = basis.pair(k)
         pair = project_layer(layer, up, down, mu)
         if not all(torch.isfinite(p).all() for p in pair.parameters()):

@@ -156,7 +156,8 @@ def project(
         ranks = plan.ranks
         chosen = [t for t in targets if ranks[t.name] < current_rank(get_module(model, t.name))]
     with torch.no_grad():
-        edits, reports = project_model(model, chosen, layer_stats, method, ranks, damping=damping, seed=seed)
+        edits, reports = project_model(model, chosen, layer_stats, method, ranks, damping=damping, seed=seed,
+                                       bases=None if plan is None else plan.bases)
     if plan is not None:
         reports = _budget_reports(reports, model, targets)
     macs_after, per_after = count_macs(model, meta.input)
