@@ -30,10 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from common import rankcut, show
-from rankcut.budget import layer_options, ranks_from_keep
-from rankcut.checkpoint import load_with_meta
-from rankcut.measure import count_macs
-from rankcut.targets import select
+from rankcut.compress.budget import layer_options, ranks_from_keep
+from rankcut.files.checkpoint import load_with_meta
+from rankcut.model.cost import count_macs
+from rankcut.model.targets import select
 
 INIT = {"rankcut:mnist-cnn": [], "torchvision:resnet18": ["--num-classes", "10", "--input", "3,28,28"]}
 TRAIN, TEST = "mnist5k:train", "mnist5k:test"

@@ -20,17 +20,17 @@ from rich.console import Console
 from rich.table import Table
 
 from common import show
-from rankcut import archs
-from rankcut.checkpoint import CheckpointMeta
-from rankcut.data import open_data
+from rankcut.model import archs
+from rankcut.files.checkpoint import CheckpointMeta
+from rankcut.run.data import open_data
 from rankcut.dist import Context
-from rankcut.evaluate import output_classes
-from rankcut.latency import measure_latency
-from rankcut.layers import current_rank
-from rankcut.measure import count_macs, count_params
-from rankcut.project import project_model
-from rankcut.targets import select
-from rankcut.train import TrainConfig, fit
+from rankcut.run.evaluate import output_classes
+from rankcut.run.latency import measure_latency
+from rankcut.model.layers import current_rank
+from rankcut.model.cost import count_macs, count_params
+from rankcut.compress.project import project_model
+from rankcut.model.targets import select
+from rankcut.run.train import TrainConfig, fit
 
 CASES = {  # arch: (fine-tuning batch size, synthetic images per fine-tuning epoch)
     "torchvision:resnet18": (16, 64),

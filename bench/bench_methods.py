@@ -18,10 +18,10 @@ import torch
 from rich.table import Table
 
 from common import machine, rankcut, show
-from rankcut import archs
+from rankcut.model import archs
 from rankcut.dist import Context
-from rankcut.stats import collect_gradients, collect_moments
-from rankcut.targets import select
+from rankcut.stats.collect import collect_gradients, collect_moments
+from rankcut.model.targets import select
 
 KEEPS = (0.5, 0.25, 0.125, 0.0625, 0.03125)
 METHODS = [("pca", "kl"), ("hessian", "kl"), ("hessian", "mse"), ("fisher", "kl"), ("fisher", "mse"),

@@ -19,15 +19,15 @@ import time
 import torch
 from rich.table import Table
 
-from rankcut import archs
-from rankcut.budget import ranks_from_keep
+from rankcut.model import archs
+from rankcut.compress.budget import ranks_from_keep
 from rankcut.dist import Context
-from rankcut.latency import measure_latency
-from rankcut.measure import count_macs
-from rankcut.project import project_model
-from rankcut.statsfile import LayerStats
-from rankcut.stats import collect_moments
-from rankcut.targets import select
+from rankcut.run.latency import measure_latency
+from rankcut.model.cost import count_macs
+from rankcut.compress.project import project_model
+from rankcut.files.statsfile import LayerStats
+from rankcut.stats.collect import collect_moments
+from rankcut.model.targets import select
 
 CPU = Context(0, 1, torch.device("cpu"))
 

@@ -15,11 +15,11 @@ __all__ = ["load", "load_with_meta", "read_meta", "save", "CheckpointMeta", "Ran
 def __getattr__(name):
     # Lazy, so ``import rankcut`` stays cheap (no torch/torchvision import until something is used).
     if name == "RankcutError":
-        from .errors import RankcutError
+        from rankcut.errors import RankcutError
 
         return RankcutError
     if name in __all__:
-        from . import checkpoint
+        from rankcut.files import checkpoint
 
         return getattr(checkpoint, name)
     raise AttributeError(f"module 'rankcut' has no attribute {name!r}")

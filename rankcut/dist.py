@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
-from .errors import RankcutError
+from rankcut.errors import RankcutError
 
 
 @dataclass(frozen=True)

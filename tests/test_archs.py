@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from rankcut import archs
-from rankcut.archs import InputContract
+from rankcut.model import archs
+from rankcut.model.archs import InputContract
 from rankcut.errors import RankcutError
 
 
@@ -110,7 +110,7 @@ def user_module(tmp_path, monkeypatch):
     (tmp_path / f"{name}.py").write_text(
         "import pathlib\n"
         f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
-        "from rankcut.archs import MnistCNN\n"
+        "from rankcut.model.archs import MnistCNN\n"
         "def build(num_classes=10):\n"
         "    return MnistCNN(num_classes)\n"
         "def not_a_model():\n"

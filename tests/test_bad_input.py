@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 import rankcut
-from rankcut import archs, checkpoint
-from rankcut.checkpoint import CheckpointMeta, save, state_tensors
+from rankcut.model import archs
+from rankcut.files import checkpoint
+from rankcut.files.checkpoint import CheckpointMeta, save, state_tensors
 from rankcut.errors import RankcutError
 
 RANKCUT = Path(sys.executable).with_name("rankcut")
@@ -127,7 +128,7 @@ def test_user_architecture_needs_trust(run_cli, tmp_path, monkeypatch):
     marker = tmp_path / "imported.marker"
     (tmp_path / f"{name}.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        "from rankcut.archs import MnistCNN as build\n")
+        "from rankcut.model.archs import MnistCNN as build\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, name, raising=False)
     model = archs.build("rankcut:mnist-cnn")

@@ -8,19 +8,19 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from rankcut import archs
-from rankcut.archs import InputContract
-from rankcut.budget import allocate, basis_for, comparable_loss, layer_options, plan_budget
-from rankcut.checkpoint import load_with_meta
+from rankcut.model import archs
+from rankcut.model.archs import InputContract
+from rankcut.compress.budget import allocate, basis_for, comparable_loss, layer_options, plan_budget
+from rankcut.files.checkpoint import load_with_meta
 from rankcut.cli import app
-from rankcut.edits import get_module
+from rankcut.model.edits import get_module
 from rankcut.errors import RankcutError
-from rankcut.layers import LowRank, current_rank, out_width
-from rankcut.measure import count_macs, count_params
-from rankcut.project import project_model
-from rankcut.statsfile import LayerStats
-from rankcut.stats import Moments
-from rankcut.targets import select
+from rankcut.model.layers import LowRank, current_rank, out_width
+from rankcut.model.cost import count_macs, count_params
+from rankcut.compress.project import project_model
+from rankcut.files.statsfile import LayerStats
+from rankcut.stats.collect import Moments
+from rankcut.model.targets import select
 
 SMALL = InputContract((3, 64, 64), archs.IMAGENET_MEAN, archs.IMAGENET_STD)
 

@@ -10,12 +10,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import rankcut
-from rankcut import archs
-from rankcut.checkpoint import CheckpointMeta, load, load_with_meta, read_meta, save
-from rankcut.edits import FoldBatchNorm, LowRankPair
+from rankcut.model import archs
+from rankcut.files.checkpoint import CheckpointMeta, load, load_with_meta, read_meta, save
+from rankcut.model.edits import FoldBatchNorm, LowRankPair
 from rankcut.errors import RankcutError
-from rankcut.fileio import atomic_write
-from rankcut.layers import LowRank
+from rankcut.files.fileio import atomic_write
+from rankcut.model.layers import LowRank
 
 
 def assert_same_state(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:

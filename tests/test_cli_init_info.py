@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from rankcut import archs
-from rankcut.checkpoint import CheckpointMeta, load, read_meta, save
-from rankcut.edits import FoldBatchNorm, LowRankPair
+from rankcut.model import archs
+from rankcut.files.checkpoint import CheckpointMeta, load, read_meta, save
+from rankcut.model.edits import FoldBatchNorm, LowRankPair
 
 
 def test_import_rankcut_is_light():

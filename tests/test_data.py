@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rankcut import archs
-from rankcut.archs import InputContract
-from rankcut.data import UNLABELED, loader, open_data, shard, subset
+from rankcut.model import archs
+from rankcut.model.archs import InputContract
+from rankcut.run.data import UNLABELED, loader, open_data, shard, subset
 from rankcut.errors import RankcutError
 
 MNIST = archs.default_input("rankcut:mnist-cnn", {})                           # 1x28x28

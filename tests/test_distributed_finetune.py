@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankcut.checkpoint import load_with_meta, read_meta
+from rankcut.files.checkpoint import load_with_meta, read_meta
 
 
 def torchrun(*args) -> subprocess.CompletedProcess:

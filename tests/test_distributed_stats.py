@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankcut.safenpz import read_npz
+from rankcut.files.safenpz import read_npz
 
 
 def rankcut(*args, nproc: int = 1, env=None) -> subprocess.CompletedProcess:

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from cli_helpers import rankcut
-from rankcut.checkpoint import load_with_meta, save
-from rankcut.data import open_data
-from rankcut.edits import LowRankPair, get_module, set_module
-from rankcut.evaluate import SUMS, batch_sums, summarize
-from rankcut.latency import measure_latency
-from rankcut.layers import project_layer
-from rankcut.measure import count_macs, count_params
+from rankcut.files.checkpoint import load_with_meta, save
+from rankcut.run.data import open_data
+from rankcut.model.edits import LowRankPair, get_module, set_module
+from rankcut.run.evaluate import SUMS, batch_sums, summarize
+from rankcut.run.latency import measure_latency
+from rankcut.model.layers import project_layer
+from rankcut.model.cost import count_macs, count_params
 
 
 def logits_of(path, data: str) -> np.ndarray:
@@ -104,7 +104,7 @@ def test_sums_of_two_halves_equal_the_whole_and_unlabelled_samples_count_only_fo
 
 
 def test_measure_latency_takes_the_median_of_enough_runs():
-    from rankcut.archs import MNIST
+    from rankcut.model.archs import MNIST
 
     figures = measure_latency(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), MNIST, 3,
                               torch.device("cpu"), min_seconds=0.01)

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from rankcut.checkpoint import load_with_meta
+from rankcut.files.checkpoint import load_with_meta
 from rankcut.cli import app
-from rankcut.fileio import atomic_write, remove_stale_temporaries
-from rankcut.statsfile import load_stats
+from rankcut.files.fileio import atomic_write, remove_stale_temporaries
+from rankcut.files.statsfile import load_stats
 
 MARKER = "@@in-write-window@@"
 # Test instrumentation only: pause in os.fsync (temporary file complete, not yet renamed) and say so.
@@ -219,7 +219,7 @@ def test_signal_at_random_moments(inputs, tmp_path):
 
 def test_interrupt_after_the_write_says_so(tmp_path, monkeypatch):
     """Ctrl-C after the output was renamed into place: the message must not claim nothing was written."""
-    from rankcut.console import Reporter
+    from rankcut.cli.console import Reporter
 
     def interrupted(self, data, *renderables):
         raise KeyboardInterrupt

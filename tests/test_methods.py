@@ -6,16 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from rankcut import archs
-from rankcut.data import mnist5k
+from rankcut.model import archs
+from rankcut.run.data import mnist5k
 from rankcut.dist import Context
-from rankcut.edits import get_module
-from rankcut.layers import project_layer
-from rankcut.methods import METHODS, fisher_from, pca
-from rankcut.project import project_model
-from rankcut.statsfile import LayerStats
-from rankcut.stats import collect_gradients, collect_moments
-from rankcut.targets import select
+from rankcut.model.edits import get_module
+from rankcut.model.layers import project_layer
+from rankcut.compress.methods import METHODS, fisher_from, pca
+from rankcut.compress.project import project_model
+from rankcut.files.statsfile import LayerStats
+from rankcut.stats.collect import collect_gradients, collect_moments
+from rankcut.model.targets import select
 
 CPU = Context(0, 1, torch.device("cpu"))
 

@@ -21,16 +21,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from rankcut.checkpoint import load, load_with_meta, save
+from rankcut.files.checkpoint import load, load_with_meta, save
 from rankcut.cli import app
-from rankcut.data import open_data
-from rankcut.edits import get_module
+from rankcut.run.data import open_data
+from rankcut.model.edits import get_module
 from rankcut.errors import RankcutError
-from rankcut.project import project_model
-from rankcut.safenpz import _default_cap, read_npz
-from rankcut.statsfile import load_stats, numerical_rank, rank_warning
-from rankcut.stats import hooks
-from rankcut.targets import Target
+from rankcut.compress.project import project_model
+from rankcut.files.safenpz import _default_cap, read_npz
+from rankcut.files.statsfile import load_stats, numerical_rank, rank_warning
+from rankcut.stats.collect import hooks
+from rankcut.model.targets import Target
 
 CPU = ["--device", "cpu"]
 
@@ -479,8 +479,8 @@ def test_constant_inputs(run_cli, mnist_ckpt, tmp_path):
 
 
 def test_rank_warning_library():
-    from rankcut.stats import Moments
-    from rankcut.statsfile import LayerStats
+    from rankcut.stats.collect import Moments
+    from rankcut.files.statsfile import LayerStats
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 8, generator=g, dtype=torch.float64)
@@ -510,12 +510,12 @@ def test_project_refuses_to_write_non_finite_pairs(files):
 
 def test_divergence_after_a_save_keeps_the_last_good_file(mnist_ckpt, tmp_path, monkeypatch):
     """--save-every 1: epoch 1 is written; epoch 2 diverges; the epoch-1 file stays, finite, and nothing else."""
-    import rankcut.train
+    import rankcut.run.train
 
     def schedule(step, total, peak, warmup):
         return 1e-3 if step < 2 else float("inf")  # 2 steps per epoch below: epoch 2 blows up
 
-    monkeypatch.setattr(rankcut.train, "lr_at", schedule)
+    monkeypatch.setattr(rankcut.run.train, "lr_at", schedule)
     out = tmp_path / "tuned.safetensors"
     code, stdout, err = cli("finetune", mnist_ckpt, "--data", "synthetic:64", "-b", "32", "--epochs", "2",
                             "--optimizer", "sgd", "--save-every", "1", *CPU, "-o", out)

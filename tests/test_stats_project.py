@@ -7,16 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from rankcut import archs
-from rankcut.archs import InputContract
-from rankcut.checkpoint import load_with_meta
+from rankcut.model import archs
+from rankcut.model.archs import InputContract
+from rankcut.files.checkpoint import load_with_meta
 from rankcut.dist import Context
-from rankcut.edits import get_module
-from rankcut.layers import LowRank
-from rankcut.project import project_model
-from rankcut.statsfile import LayerStats, StatsFile, load_stats, save_stats
-from rankcut.stats import Moments, collect_moments
-from rankcut.targets import select, trace
+from rankcut.model.edits import get_module
+from rankcut.model.layers import LowRank
+from rankcut.compress.project import project_model
+from rankcut.files.statsfile import LayerStats, StatsFile, load_stats, save_stats
+from rankcut.stats.collect import Moments, collect_moments
+from rankcut.model.targets import select, trace
 
 CPU = Context(0, 1, torch.device("cpu"))
 

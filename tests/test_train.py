@@ -11,21 +11,21 @@ import torch
 from typer.testing import CliRunner
 
 from cli_helpers import rankcut
-from rankcut.checkpoint import load_with_meta, read_meta, save
-from rankcut.data import open_data
+from rankcut.files.checkpoint import load_with_meta, read_meta, save
+from rankcut.run.data import open_data
 from rankcut.dist import Context
-from rankcut.edits import LowRankPair, get_module, ranks, set_module
+from rankcut.model.edits import LowRankPair, get_module, ranks, set_module
 from rankcut.errors import RankcutError
-from rankcut.layers import project_layer
+from rankcut.model.layers import project_layer
 from rankcut.cli import app
-from rankcut.train import DistillationLoss, TrainConfig, fit, lr_at, parameter_digest
+from rankcut.run.train import DistillationLoss, TrainConfig, fit, lr_at, parameter_digest
 
 RECIPE = ["--optimizer", "adamw", "--lr", "2e-3", "-b", "32", "--device", "cpu"]
 
 
 def digits_npz(path, n: int, labels: bool = True, offset: int = 0):
     """The first ``n`` mnist5k training digits as a tensor file, with or without labels."""
-    from rankcut.archs import MNIST
+    from rankcut.model.archs import MNIST
 
     digits = open_data("mnist5k:train", MNIST)
     arrays = {"x": digits.x[offset:offset + n].numpy()}
@@ -93,7 +93,7 @@ def test_config_refuses_bad_values(field, value):
 
 
 def test_fit_saves_every_n_epochs_and_at_the_end():
-    from rankcut.archs import MNIST, MnistCNN
+    from rankcut.model.archs import MNIST, MnistCNN
 
     data = open_data("synthetic:64", MNIST, num_classes=10)
     calls = []
@@ -103,7 +103,7 @@ def test_fit_saves_every_n_epochs_and_at_the_end():
 
 
 def test_parameter_digest_tells_replicas_apart_by_one_ulp():
-    from rankcut.archs import MnistCNN
+    from rankcut.model.archs import MnistCNN
 
     torch.manual_seed(0)
     a = MnistCNN()
@@ -171,14 +171,14 @@ def test_divergence_stops_with_one_line_and_writes_nothing(mnist_ckpt, tmp_path)
 
 
 def test_interrupt_leaves_no_output(mnist_ckpt, tmp_path, monkeypatch):
-    import rankcut.train
+    import rankcut.run.train
 
     def interrupted(step, *args):
         if step == 1:
             raise KeyboardInterrupt
         return 1e-3
 
-    monkeypatch.setattr(rankcut.train, "lr_at", interrupted)
+    monkeypatch.setattr(rankcut.run.train, "lr_at", interrupted)
     result = CliRunner().invoke(app, ["finetune", str(mnist_ckpt), "--data", "synthetic:128", "-b", "32",
                                       "--device", "cpu", "-o", str(tmp_path / "out.safetensors")])
     assert result.exit_code == 130 and "interrupted" in result.stderr

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from . import eval as eval_cmd
-from . import finetune, info, init, project, stats
-from .errors import one_line_errors
+from rankcut.cli import eval as eval_cmd
+from rankcut.cli import finetune, info, init, project, stats
+from rankcut.cli.errors import one_line_errors
 
 app = typer.Typer(
     name="rankcut",

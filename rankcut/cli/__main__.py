@@ -1,5 +1,5 @@
 """``python -m rankcut.cli``: the same CLI, for launchers such as ``torchrun -m`` that need a module."""
 
-from . import main
+from rankcut.cli import main
 
 main()

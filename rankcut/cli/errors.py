@@ -9,8 +9,8 @@ import sys
 
 import typer
 
-from ..errors import RankcutError
-from ..fileio import written
+from rankcut.errors import RankcutError
+from rankcut.files.fileio import written
 
 
 def _user_error(e: BaseException) -> str | None:

@@ -9,16 +9,16 @@ import typer
 from rich.table import Table
 from torch import nn
 
-from .. import dist
-from ..archs import InputContract
-from ..checkpoint import load_with_meta
-from ..console import Reporter
-from ..data import open_data, subset
-from ..errors import RankcutError
-from ..evaluate import check_dataset_labels, evaluate_many, output_classes
-from ..latency import measure_latency
-from ..measure import count_macs, count_params
-from .options import BatchSize, Data, Device, Json, Quiet, Samples, Seed, Workers
+from rankcut import dist
+from rankcut.model.archs import InputContract
+from rankcut.files.checkpoint import load_with_meta
+from rankcut.cli.console import Reporter
+from rankcut.run.data import open_data, subset
+from rankcut.errors import RankcutError
+from rankcut.run.evaluate import check_dataset_labels, evaluate_many, output_classes
+from rankcut.run.latency import measure_latency
+from rankcut.model.cost import count_macs, count_params
+from rankcut.cli.options import BatchSize, Data, Device, Json, Quiet, Samples, Seed, Workers
 
 
 def _cost(model: nn.Module, contract: InputContract) -> dict:

@@ -9,15 +9,15 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .. import dist
-from ..checkpoint import load_with_meta
-from ..console import Reporter
-from ..data import open_data, subset
-from ..errors import RankcutError
-from ..evaluate import check_dataset_labels, output_classes
-from ..fileio import check_output
-from ..train import TrainConfig, fit, saver
-from .options import BatchSize, Checkpoint, Data, Device, Force, Json, Output, Quiet, Samples, Seed, Workers
+from rankcut import dist
+from rankcut.files.checkpoint import load_with_meta
+from rankcut.cli.console import Reporter
+from rankcut.run.data import open_data, subset
+from rankcut.errors import RankcutError
+from rankcut.run.evaluate import check_dataset_labels, output_classes
+from rankcut.files.fileio import check_output
+from rankcut.run.train import TrainConfig, fit, saver
+from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Force, Json, Output, Quiet, Samples, Seed, Workers
 
 
 def _percent(value: float | None) -> str:

@@ -8,14 +8,14 @@ import typer
 from rich.table import Table
 from torch import nn
 
-from ..checkpoint import load_with_meta
-from ..console import Reporter
-from ..errors import RankcutError
-from ..layers import LowRank, is_target_type
-from ..measure import count_macs, count_params
-from .errors import one_line
-from .options import Json, Quiet
-from .stats import stats_info
+from rankcut.files.checkpoint import load_with_meta
+from rankcut.cli.console import Reporter
+from rankcut.errors import RankcutError
+from rankcut.model.layers import LowRank, is_target_type
+from rankcut.model.cost import count_macs, count_params
+from rankcut.cli.errors import one_line
+from rankcut.cli.options import Json, Quiet
+from rankcut.cli.stats import stats_info
 
 
 def layer_rows(model: nn.Module, per_layer_macs: dict[str, int]) -> list[dict]:

@@ -11,15 +11,15 @@ import torch
 import typer
 from rich.table import Table
 
-from .. import archs
-from ..archs import InputContract
-from ..checkpoint import CheckpointMeta, save
-from ..console import Reporter
-from ..errors import RankcutError
-from ..fileio import check_output, require_file
-from ..measure import count_macs, count_params
-from ..weights import load_weights
-from .options import Force, Json, Output, Quiet, Seed
+from rankcut.model import archs
+from rankcut.model.archs import InputContract
+from rankcut.files.checkpoint import CheckpointMeta, save
+from rankcut.cli.console import Reporter
+from rankcut.errors import RankcutError
+from rankcut.files.fileio import check_output, require_file
+from rankcut.model.cost import count_macs, count_params
+from rankcut.files.weights import load_weights
+from rankcut.cli.options import Force, Json, Output, Quiet, Seed
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:

@@ -9,19 +9,19 @@ import torch
 import typer
 from rich.table import Table
 
-from ..budget import NO_LOSS, loss_units, plan_budget, ranks_from_keep
-from ..checkpoint import load_with_meta, save
-from ..console import Reporter
-from ..edits import get_module
-from ..errors import RankcutError
-from ..fileio import check_output, file_digest
-from ..layers import LowRank, current_rank
-from ..measure import count_macs, count_params
-from ..methods import DATA_FREE, METHODS
-from ..project import LayerReport, layer_cost, project_model
-from ..statsfile import StatsFile, check_fits, load_stats
-from ..targets import Target, select
-from .options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed
+from rankcut.compress.budget import NO_LOSS, loss_units, plan_budget, ranks_from_keep
+from rankcut.files.checkpoint import load_with_meta, save
+from rankcut.cli.console import Reporter
+from rankcut.model.edits import get_module
+from rankcut.errors import RankcutError
+from rankcut.files.fileio import check_output, file_digest
+from rankcut.model.layers import LowRank, current_rank
+from rankcut.model.cost import count_macs, count_params
+from rankcut.compress.methods import DATA_FREE, METHODS
+from rankcut.compress.project import LayerReport, layer_cost, project_model
+from rankcut.files.statsfile import StatsFile, check_fits, load_stats
+from rankcut.model.targets import Target, select
+from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed
 
 
 def _stats_targets(stats: StatsFile, layers: list[str] | None, exclude: list[str] | None, path: str) -> list[Target]:

@@ -8,17 +8,17 @@ import torch
 import typer
 from rich.table import Table
 
-from .. import data as datasets
-from ..checkpoint import load_with_meta
-from ..console import Reporter
-from ..dist import setup, teardown
-from ..errors import RankcutError
-from ..fileio import check_output, file_digest
-from ..layers import max_rank
-from ..statsfile import LayerStats, StatsFile, load_stats, rank_warning, save_stats
-from ..stats import LOSSES, collect_gradients, collect_moments
-from ..targets import select
-from .options import BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet, Samples, Seed, Workers
+from rankcut.run import data as datasets
+from rankcut.files.checkpoint import load_with_meta
+from rankcut.cli.console import Reporter
+from rankcut.dist import setup, teardown
+from rankcut.errors import RankcutError
+from rankcut.files.fileio import check_output, file_digest
+from rankcut.model.layers import max_rank
+from rankcut.files.statsfile import LayerStats, StatsFile, load_stats, rank_warning, save_stats
+from rankcut.stats.collect import LOSSES, collect_gradients, collect_moments
+from rankcut.model.targets import select
+from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet, Samples, Seed, Workers
 
 SPARK = "▁▂▃▄▅▆▇█"
 LEVELS = (0.90, 0.95, 0.99)

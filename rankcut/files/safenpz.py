@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from .errors import RankcutError
+from rankcut.errors import RankcutError
 
 MAX_TOTAL_BYTES = 16 << 30
 

@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .edits import Edit, FoldBatchNorm, LowRankPair, get_module, set_module
-from .errors import RankcutError
-from .layers import LowRank, current_rank, pair_saves, project_layer
-from .methods import METHODS, Basis, kept_variance
-from .statsfile import LayerStats
-from .targets import Target
+from rankcut.model.edits import Edit, FoldBatchNorm, LowRankPair, get_module, set_module
+from rankcut.errors import RankcutError
+from rankcut.model.layers import LowRank, current_rank, pair_saves, project_layer
+from rankcut.compress.methods import METHODS, Basis, kept_variance
+from rankcut.files.statsfile import LayerStats
+from rankcut.model.targets import Target
 
 
 @dataclass

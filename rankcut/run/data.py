@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .archs import InputContract
-from .errors import RankcutError
+from rankcut.model.archs import InputContract
+from rankcut.errors import RankcutError
 
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 UNLABELED = -1
@@ -174,7 +174,7 @@ def mnist5k(split: str, contract: InputContract) -> TensorImages:
 
 
 def _tensor_file(path: Path, contract: InputContract) -> TensorImages:
-    from .tensorfile import read_xy
+    from rankcut.files.tensorfile import read_xy
 
     x, y = read_xy(path)
     if len(x) == 0:  # an empty set would only give a silent "0 samples" answer

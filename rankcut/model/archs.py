@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import RankcutError
+from rankcut.errors import RankcutError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .archs import InputContract
+from rankcut.model.archs import InputContract
 
 
 def count_params(model: nn.Module) -> int:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import RankcutError
-from .safenpz import read_npz
+from rankcut.errors import RankcutError
+from rankcut.files.safenpz import read_npz
 
 
 def read_xy(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from . import dist
-from .archs import InputContract
-from .data import UNLABELED, loader, shard
-from .errors import RankcutError
+from rankcut import dist
+from rankcut.model.archs import InputContract
+from rankcut.run.data import UNLABELED, loader, shard
+from rankcut.errors import RankcutError
 
 SUMS = ("samples", "labeled", "top1", "topk", "ce", "ref_top1", "ref_topk", "ref_ce", "agree", "kl", "nonfinite")
 TOP_K = 5

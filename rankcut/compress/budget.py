@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from .edits import get_module
-from .errors import RankcutError
-from .layers import LowRank, current_rank, fold_batchnorm, out_width, pair_saves
-from .methods import METHODS, Basis
-from .project import layer_basis
-from .statsfile import LayerStats
-from .targets import Target
+from rankcut.model.edits import get_module
+from rankcut.errors import RankcutError
+from rankcut.model.layers import LowRank, current_rank, fold_batchnorm, out_width, pair_saves
+from rankcut.compress.methods import METHODS, Basis
+from rankcut.compress.project import layer_basis
+from rankcut.files.statsfile import LayerStats
+from rankcut.model.targets import Target
 
 KINDS = ("macs", "params")
 RAW_LOSS = {"fisher", "hessian"}

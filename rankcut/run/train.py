@@ -22,11 +22,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
-from . import dist
-from .checkpoint import CheckpointMeta, save
-from .data import UNLABELED, loader
-from .errors import RankcutError
-from .evaluate import evaluate
+from rankcut import dist
+from rankcut.files.checkpoint import CheckpointMeta, save
+from rankcut.run.data import UNLABELED, loader
+from rankcut.errors import RankcutError
+from rankcut.run.evaluate import evaluate
 
 OPTIMIZERS = ("sgd", "adamw")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import RankcutError
-from .layers import affine_parts
-from .statsfile import LayerStats
+from rankcut.errors import RankcutError
+from rankcut.model.layers import affine_parts
+from rankcut.files.statsfile import LayerStats
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import RankcutError
+from rankcut.errors import RankcutError
 
 _PREFIXES = ("module.", "_orig_mod.")
 _NESTED = ("state_dict", "model", "model_state_dict")

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .archs import InputContract
-from .errors import RankcutError
-from .fileio import atomic_write, require_file
-from .layers import out_width
-from .safenpz import read_npz
-from .stats import Moments
-from .targets import Target, trace
+from rankcut.model.archs import InputContract
+from rankcut.errors import RankcutError
+from rankcut.files.fileio import atomic_write, require_file
+from rankcut.model.layers import out_width
+from rankcut.files.safenpz import read_npz
+from rankcut.stats.collect import Moments
+from rankcut.model.targets import Target, trace
 
 FORMAT = "rankcut-stats/1"
 GRAD_KEYS = ("grad_count", "hessian", "grad_m2")

@@ -25,12 +25,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import archs
-from .archs import InputContract
-from .edits import Edit, edit_from_dict, edit_to_dict
-from .errors import RankcutError
-from .fileio import atomic_write, require_file
-from .weights import mismatches
+from rankcut.model import archs
+from rankcut.model.archs import InputContract
+from rankcut.model.edits import Edit, edit_from_dict, edit_to_dict
+from rankcut.errors import RankcutError
+from rankcut.files.fileio import atomic_write, require_file
+from rankcut.files.weights import mismatches
 
 FORMAT = "rankcut/1"
 _MAX_HEADER_TEXT = 16 << 20

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from .errors import RankcutError
-from .layers import LowRank, empty_pair, fold_batchnorm, is_target_type, out_width
+from rankcut.errors import RankcutError
+from rankcut.model.layers import LowRank, empty_pair, fold_batchnorm, is_target_type, out_width
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

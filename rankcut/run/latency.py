@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from .archs import InputContract
+from rankcut.model.archs import InputContract
 
 
 def _sync(device: torch.device) -> None:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .archs import InputContract
-from .errors import RankcutError
-from .layers import LowRank, is_target_type, out_width
+from rankcut.model.archs import InputContract
+from rankcut.errors import RankcutError
+from rankcut.model.layers import LowRank, is_target_type, out_width
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dist import Context, all_reduce_sum_
-from .errors import RankcutError
-from .targets import Target
+from rankcut.dist import Context, all_reduce_sum_
+from rankcut.errors import RankcutError
+from rankcut.model.targets import Target
 
 
 @dataclass
@@ -153,7 +153,7 @@ def collect_moments(model: nn.Module, targets: list[Target], batches, ctx: Conte
 
 
 def _empty_like(model: nn.Module, target: Target) -> Moments:
-    from .layers import out_width
+    from rankcut.model.layers import out_width
 
     return Moments.empty(out_width(model.get_submodule(target.name)))
 

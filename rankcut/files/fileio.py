@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import RankcutError
+from rankcut.errors import RankcutError
 
 # Outputs this process has finished writing (completed renames), so that an interrupted command can
 # say truthfully whether it wrote anything.

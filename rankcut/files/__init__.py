@@ -1,0 +1,1 @@
+"""File contracts: checkpoints, statistics files, foreign weights, tensors, atomic writes."""

@@ -1,0 +1,1 @@
+"""Running models over data: loading data, fine-tuning, evaluation, latency."""

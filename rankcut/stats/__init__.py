@@ -1,0 +1,1 @@
+"""Statistics of layer outputs over data: exact-to-merge accumulators and the passes that fill them."""
