@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rankcut.model import archs
-from rankcut.model.archs import InputContract
+from rankcut.model.contract import InputContract
 from rankcut.errors import RankcutError
 
 

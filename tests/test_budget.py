@@ -9,8 +9,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from rankcut.model import archs
-from rankcut.model.archs import InputContract
-from rankcut.compress.budget import allocate, basis_for, comparable_loss, layer_options, plan_budget
+from rankcut.model.contract import InputContract
+from rankcut.compress.budget import allocate, comparable_loss, layer_options, plan_budget
+from rankcut.compress.methods import target_basis
 from rankcut.files.checkpoint import load_with_meta
 from rankcut.cli import app
 from rankcut.model.edits import get_module
@@ -88,7 +89,7 @@ def test_cost_model_is_exact(rounds):
         stats = synthetic_stats(model, targets, mixed)
         macs, per = count_macs(model, SMALL)
         params = count_params(model)
-        options = [layer_options(model, t, per, comparable_loss("pca", basis_for(model, t, stats[t.name], "pca")))
+        options = [layer_options(model, t, per, comparable_loss("pca", target_basis(model, t, stats[t.name], "pca")))
                    for t in targets]
         pick = {o.name: int(rng.integers(len(o.ranks))) for o in options}  # whole (last index) included
         pick[options[0].name] = len(options[0].ranks) - 1
@@ -148,7 +149,7 @@ def test_matches_brute_force_optimum(kind, flat):
     stats = synthetic_stats(model, targets, lambda name, c: np.ones(c) if name == flat else 0.7 ** np.arange(c))
     total = measured(model, contract, kind)
     per = count_macs(model, contract)[1]
-    a, b = [layer_options(model, t, per, comparable_loss("pca", basis_for(model, t, stats[t.name], "pca")))
+    a, b = [layer_options(model, t, per, comparable_loss("pca", target_basis(model, t, stats[t.name], "pca")))
             for t in targets]
     fixed = total - int(a.cost(kind)[-1]) - int(b.cost(kind)[-1])
     cost = fixed + a.cost(kind)[:, None] + b.cost(kind)[None, :]
@@ -211,9 +212,9 @@ def test_loss_currency():
     assert plan("fisher", 1000.0)["2"] > plan("fisher", 1.0)["2"]
     stats = stats_with(1.0)
     for method in ("pca", "svd", "l1"):
-        loss = comparable_loss(method, basis_for(model, targets[1], stats["2"], method))
+        loss = comparable_loss(method, target_basis(model, targets[1], stats["2"], method))
         assert loss[0] == pytest.approx(1.0) and loss[-1] == 0 and np.all(np.diff(loss) <= 1e-12)
-    basis = basis_for(model, targets[1], stats["2"], "fisher")
+    basis = target_basis(model, targets[1], stats["2"], "fisher")
     np.testing.assert_array_equal(comparable_loss("fisher", basis), basis.loss.numpy())
     with pytest.raises(RankcutError, match="random predicts no loss"):
         plan("random", 1.0)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from rankcut.model import archs
-from rankcut.model.archs import InputContract
+from rankcut.model.contract import InputContract
 from rankcut.run.data import UNLABELED, loader, open_data, shard, subset
 from rankcut.errors import RankcutError
 

@@ -90,6 +90,11 @@ def _valid(command: str, path: Path) -> bool:
     return True
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT as a terminal delivers it (a shell's background job would ignore it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANKCUT_DEBUG", "RANKCUT_TRUST")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -125,13 +130,13 @@ def _check_after(command: str, folder: Path, out: Path, previous: bytes | None, 
 
 @pytest.mark.slow
 def test_signal_inside_the_write_window(inputs, tmp_path):
-    """Every writing command, SIGINT and SIGKILL, paused between writing the temporary file and the rename."""
+    """Every writing command, SIGINT, SIGTERM and SIGKILL, paused between writing the temporary file and the rename."""
     digests = {k: _digest(p) for k, p in inputs.items()}
     script = tmp_path / "paused_cli.py"
     script.write_text(WRAPPER)
     runs = []
     for i, (command, (args, suffix)) in enumerate(_commands(inputs).items()):
-        for j, sig in enumerate((signal.SIGINT, signal.SIGKILL)):
+        for j, sig in enumerate((signal.SIGINT, signal.SIGKILL, signal.SIGTERM)):
             folder = tmp_path / f"{command}-{sig.name}"
             folder.mkdir()
             out = folder / f"out{suffix}"
@@ -140,7 +145,8 @@ def test_signal_inside_the_write_window(inputs, tmp_path):
                 previous = b"the previous output, which must survive bit for bit"
                 out.write_bytes(previous)
             proc = subprocess.Popen([sys.executable, str(script), *args, "-o", str(out)], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True, env=_environment(), cwd=folder)
+                                    stderr=subprocess.PIPE, text=True, env=_environment(), cwd=folder,
+                                    preexec_fn=_default_signals)
             runs.append((command, sig, folder, out, previous, proc))
     try:
         for command, sig, folder, out, previous, proc in runs:
@@ -156,10 +162,11 @@ def test_signal_inside_the_write_window(inputs, tmp_path):
             proc.send_signal(sig)
             rest = proc.stderr.read()
             code = proc.wait(timeout=60)
-            if sig == signal.SIGINT:
-                assert code == 130, (command, code, rest)
+            if sig in (signal.SIGINT, signal.SIGTERM):  # both unwind and remove the temporary file
+                word, want = ("interrupted", 130) if sig == signal.SIGINT else ("terminated", 143)
+                assert code == want, (command, code, rest)
                 lines = rest.splitlines()
-                assert lines == ["error: interrupted; no output was written"], (command, rest)
+                assert lines == [f"error: {word}; no output was written"], (command, rest)
             else:
                 assert code == -signal.SIGKILL, (command, code)
             state = _check_after(command, folder, out, previous, inputs, digests, killed=sig == signal.SIGKILL)
@@ -196,7 +203,7 @@ def test_signal_at_random_moments(inputs, tmp_path):
                 out.write_bytes(previous)
             proc = subprocess.Popen([sys.executable, "-m", "rankcut.cli", *args, "-o", str(out)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                    env=_environment(), cwd=folder)
+                                    env=_environment(), cwd=folder, preexec_fn=_default_signals)
             runs.append((start + rng.uniform(1.0, 10.0), command, sig, folder, out, previous, proc))
     states = []
     try:
@@ -282,6 +289,30 @@ def test_output_equal_to_an_input_is_refused_without_force(inputs, tmp_path):
     assert _cli("init", "-a", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-w", weights, "-o", weights,
                 "--force").exit_code == 0
     load_with_meta(weights)
+
+
+def _importing_numpy(pid: int) -> bool:
+    """numpy's extension is mapped into the process: its (slow) import of numpy and torch is under way."""
+    return "_multiarray_umath" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches the loaded libraries in /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_starting(inputs, tmp_path, sig):
+    """A signal during start-up (while torch and numpy import) exits with the one line, never an ImportError trace."""
+    args, suffix = _commands(inputs)["stats"]
+    proc = subprocess.Popen([sys.executable, "-m", "rankcut.cli", *args, "-o", str(tmp_path / f"out{suffix}")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_environment(),
+                            cwd=tmp_path, preexec_fn=_default_signals)
+    deadline = time.monotonic() + 60
+    while not _importing_numpy(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]
+    word, code = ("interrupted", 130) if sig == signal.SIGINT else ("terminated", 143)
+    assert (proc.returncode, err.splitlines()) == (code, [f"error: {word}; no output was written"])
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- atomic writes: permissions and stale temporary files ---------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rankcut.model import archs
-from rankcut.model.archs import InputContract
+from rankcut.model.contract import InputContract
 from rankcut.files.checkpoint import load_with_meta
 from rankcut.dist import Context
 from rankcut.model.edits import get_module

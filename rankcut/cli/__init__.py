@@ -1,27 +1,23 @@
-"""The ``rankcut`` command line: one module per command, registered here."""
+"""The ``rankcut`` command line. Kept light: signals are set up before the heavy imports in ``commands``."""
 
 from __future__ import annotations
 
-import typer
-
-from rankcut.cli import eval as eval_cmd
-from rankcut.cli import finetune, info, init, project, stats
-from rankcut.cli.errors import one_line_errors
-
-app = typer.Typer(
-    name="rankcut",
-    help="Compress trained CNNs by rank reduction: init -> stats -> project -> finetune -> eval.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-for name, fn in [("init", init.init), ("info", info.info), ("stats", stats.stats), ("project", project.project),
-                 ("finetune", finetune.finetune), ("eval", eval_cmd.evaluate)]:
-    app.command(name)(one_line_errors(fn))
+from rankcut.cli.signals import exit_while_starting, unwind_on_signals
 
 
 def main() -> None:
     """Console-script entry point."""
+    exit_while_starting()
+    from rankcut.cli.commands import app
+
+    unwind_on_signals()
     app()
+
+
+def __getattr__(name: str):
+    """``rankcut.cli.app``, the Typer application, imported on first use."""
+    if name == "app":
+        from rankcut.cli.commands import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

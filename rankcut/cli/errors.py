@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import sys
 
 import typer
 
-from rankcut.errors import RankcutError
+from rankcut.cli.signals import Terminated
+from rankcut.errors import RankcutError, one_line
 from rankcut.files.fileio import written
 
 
@@ -29,7 +29,7 @@ def one_line_errors(fn):
 
     User errors are ``RankcutError`` and what the environment raises (``OSError``, running out of host or
     GPU memory); anything else is a bug and keeps its traceback. Set ``RANKCUT_DEBUG=1`` to get the
-    traceback for user errors too. Ctrl-C exits 130 with one line. Under torchrun every process stops
+    traceback for user errors too. Ctrl-C exits 130 with one line, SIGTERM 143 (see ``cli.signals``). Under torchrun every process stops
     together on the same error, so only rank 0 prints it.
     """
 
@@ -38,10 +38,11 @@ def one_line_errors(fn):
         before = len(written())  # in-process callers (tests, notebooks) run many commands
         try:
             return fn(*args, **kwargs)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             done = written()[before:]
-            _say(f"error: interrupted; {', '.join(done) + ' had already been written' if done else 'no output was written'}")
-            raise typer.Exit(130) from None
+            what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            _say(f"error: {what}; {', '.join(done) + ' had already been written' if done else 'no output was written'}")
+            raise typer.Exit(code) from None
         except Exception as e:
             message = _user_error(e)
             if message is None or os.environ.get("RANKCUT_DEBUG"):
@@ -55,19 +56,3 @@ def one_line_errors(fn):
 def _say(line: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr)
-
-
-def one_line(message: str) -> str:
-    """``message`` as one line: its first non-empty line (torch errors append pages of C++ frames).
-
-    An error re-raised from a DataLoader worker starts with "Caught X in DataLoader worker process N."
-    and ends with the worker's own "module.X: message" line: that last line is the useful one.
-    """
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    if len(lines) > 1 and _WORKER.match(lines[0]):
-        return _QUALIFIED.sub("", lines[-1])
-    return lines[0] if lines else "unknown error"
-
-
-_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.$")
-_QUALIFIED = re.compile(r"^[\w.]+(Error|Exception): ")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from typing import Annotated, Optional
 
 import typer
@@ -10,35 +9,12 @@ from rich.table import Table
 from torch import nn
 
 from rankcut import dist
-from rankcut.model.archs import InputContract
-from rankcut.files.checkpoint import load_with_meta
+from rankcut.api import EvalConfig, evaluate
 from rankcut.cli.console import Reporter
-from rankcut.run.data import open_data, subset
-from rankcut.errors import RankcutError
-from rankcut.run.evaluate import check_dataset_labels, evaluate_many, output_classes
-from rankcut.run.latency import measure_latency
-from rankcut.model.cost import count_macs, count_params
 from rankcut.cli.options import BatchSize, Data, Device, Json, Quiet, Samples, Seed, Workers
-
-
-def _cost(model: nn.Module, contract: InputContract) -> dict:
-    return {"params": count_params(model), "macs": count_macs(model, contract)[0]}
-
-
-def _latencies(models: list[nn.Module], contract: InputContract, batch_size: int, device, rounds: int = 5) -> list[dict]:
-    """Each model's latency; several are timed in alternating rounds, so load from other processes hits all alike."""
-    rounds = rounds if len(models) > 1 else 1
-    runs: list[list[dict]] = [[] for _ in models]
-    for i in range(rounds):
-        for model, out in zip(models, runs):
-            out.append(measure_latency(model, contract, batch_size, device, warmup=3 if i == 0 else 1,
-                                       min_repeats=5 if rounds == 1 else 1, min_seconds=1.0 / rounds))
-    figures = []
-    for out in runs:
-        batch_ms = statistics.median(r["batch_ms"] for r in out)
-        figures.append({"batch_size": batch_size, "batch_ms": batch_ms, "image_ms": batch_ms / batch_size,
-                        "repeats": sum(r["repeats"] for r in out)})
-    return figures
+from rankcut.files.checkpoint import load_with_meta
+from rankcut.run.data import open_data, subset
+from rankcut.run.evaluate import check_dataset_labels, check_peer, output_classes
 
 
 def _fmt(value, kind: str) -> str:
@@ -54,23 +30,15 @@ def _load_all(checkpoints: list[str], reference: str | None, device) -> tuple[li
     first, meta = checkpoints[0], metas[0]
     classes = output_classes(models[0], meta.input)
     for path, m, other in zip(checkpoints[1:], models[1:], metas[1:]):
-        if other.input != meta.input:
-            raise RankcutError(f"{path} expects input {other.input.to_dict()}, {first} {meta.input.to_dict()}; "
-                               "compare checkpoints with the same input, or evaluate them separately")
-        if output_classes(m, meta.input) != classes:
-            raise RankcutError(f"{path} and {first} score different numbers of classes")
+        check_peer(m, other.input, path, meta.input, classes, first)
     ref_model = None
     if reference is not None:
         ref_model, ref_meta = load_with_meta(reference, device)
-        if ref_meta.input != meta.input:
-            raise RankcutError(f"the reference {reference} expects input {ref_meta.input.to_dict()}, "
-                               f"{first} {meta.input.to_dict()}")
-        if output_classes(ref_model, meta.input) != classes:
-            raise RankcutError(f"the reference {reference} and {first} score different numbers of classes")
+        check_peer(ref_model, ref_meta.input, f"the reference {reference}", meta.input, classes, first)
     return list(models), ref_model, meta, classes
 
 
-def evaluate(
+def evaluate_command(
     checkpoints: Annotated[list[str], typer.Argument(help="One or more rankcut checkpoints (.safetensors); several are compared in one table.", show_default=False)],
     data: Data,
     reference: Annotated[Optional[str], typer.Option("--reference", "-r", help="Compare with this checkpoint (e.g. the uncompressed base).")] = None,
@@ -89,6 +57,7 @@ def evaluate(
     table, a row each; with --json the object is {"results": [...]}, each entry what that checkpoint alone
     would print. Latencies of several models are timed in alternating rounds.
     """
+    config = EvalConfig(batch_size=batch_size, workers=workers, latency=latency)
     ctx = dist.setup(device)
     try:
         report = Reporter(quiet, json_out, primary=ctx.primary)
@@ -96,25 +65,15 @@ def evaluate(
         dataset = subset(open_data(data, meta.input, train=False, num_classes=classes, seed=seed), samples, seed)
         check_dataset_labels(dataset, classes, False, f"the data {data}")
         with report.progress() as progress:
-            figures = evaluate_many(models, dataset, classes, device=ctx.device, batch_size=batch_size,
-                                    workers=workers, reference=ref_model, ctx=ctx, progress=progress)
-        timed = models + ([ref_model] if ref_model is not None else [])
-        costs = [_cost(m, meta.input) for m in timed]
-        if latency and ctx.primary:
-            for cost, lat in zip(costs, _latencies(timed, meta.input, batch_size, ctx.device)):
-                cost["latency"] = lat
-        results = []
-        for path, result, cost in zip(checkpoints, figures, costs):
-            result = {"checkpoint": path, "data": data, "device": str(ctx.device), "classes": classes, **result, **cost}
-            if ref_model is not None:
-                ref = result["reference"] = {**result["reference"], "checkpoint": reference, **costs[-1]}
-                result["ratios"] = {"macs": result["macs"] / ref["macs"], "params": result["params"] / ref["params"]}
-                if "latency" in ref:
-                    result["ratios"]["latency"] = result["latency"]["batch_ms"] / ref["latency"]["batch_ms"]
-            results.append(result)
+            figures = evaluate(models, meta.input, dataset, classes, config, reference=ref_model, ctx=ctx,
+                               progress=progress)
     finally:
         dist.teardown(ctx)
+    results = [{"checkpoint": path, "data": data, "device": str(ctx.device), "classes": classes, **r}
+               for path, r in zip(checkpoints, figures)]
     for r in results:
+        if reference is not None:
+            r["reference"]["checkpoint"] = reference
         if r["nonfinite"]:
             report.warn(f"{r['checkpoint']}{' or the reference' if reference else ''} gave NaN or Inf outputs for "
                         f"{r['nonfinite']:,} of {r['samples']:,} samples (counted as wrong; the loss is not meaningful)")

@@ -14,7 +14,7 @@ from rankcut.files.checkpoint import load_with_meta
 from rankcut.cli.console import Reporter
 from rankcut.run.data import open_data, subset
 from rankcut.errors import RankcutError
-from rankcut.run.evaluate import check_dataset_labels, output_classes
+from rankcut.run.evaluate import check_dataset_labels, check_peer, output_classes
 from rankcut.files.fileio import check_output
 from rankcut.run.train import TrainConfig, fit, saver
 from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Force, Json, Output, Quiet, Samples, Seed, Workers
@@ -66,12 +66,7 @@ def finetune(
         teacher_model = None
         if teacher is not None:
             teacher_model, teacher_meta = load_with_meta(teacher, ctx.device)
-            if teacher_meta.input != meta.input:
-                raise RankcutError(f"the teacher {teacher} expects input {teacher_meta.input.to_dict()}, "
-                                   f"the student {meta.input.to_dict()}")
-            teacher_classes = output_classes(teacher_model, meta.input)
-            if teacher_classes != classes:
-                raise RankcutError(f"the teacher {teacher} scores {teacher_classes} classes, the student {classes}")
+            check_peer(teacher_model, teacher_meta.input, f"the teacher {teacher}", meta.input, classes, "the student")
         train_set = subset(open_data(data, meta.input, train=True, num_classes=classes, seed=seed), samples, seed)
         check_dataset_labels(train_set, classes, cfg.kd_alpha < 1, f"the training data {data}")
         eval_set = None

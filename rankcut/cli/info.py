@@ -10,10 +10,9 @@ from torch import nn
 
 from rankcut.files.checkpoint import load_with_meta
 from rankcut.cli.console import Reporter
-from rankcut.errors import RankcutError
+from rankcut.errors import RankcutError, one_line
 from rankcut.model.layers import LowRank, is_target_type
-from rankcut.model.cost import count_macs, count_params
-from rankcut.cli.errors import one_line
+from rankcut.model.cost import count_macs, count_params, target_macs
 from rankcut.cli.options import Json, Quiet
 from rankcut.cli.stats import stats_info
 
@@ -28,12 +27,11 @@ def layer_rows(model: nn.Module, per_layer_macs: dict[str, int]) -> list[dict]:
         if isinstance(module, LowRank):
             pair_parts |= {f"{name}.down", f"{name}.up"}
             shape = [list(module.down.weight.shape), list(module.up.weight.shape)]
-            macs = per_layer_macs.get(f"{name}.down", 0) + per_layer_macs.get(f"{name}.up", 0)
             rows.append({"name": name, "type": f"LowRank({type(module.down).__name__})", "shape": shape,
-                         "rank": module.rank, "macs": macs})
+                         "rank": module.rank, "macs": target_macs(model, name, per_layer_macs)})
         else:
             rows.append({"name": name, "type": type(module).__name__, "shape": [list(module.weight.shape)],
-                         "rank": None, "macs": per_layer_macs.get(name, 0)})
+                         "rank": None, "macs": target_macs(model, name, per_layer_macs)})
     return rows
 
 

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from rankcut.model import archs
-from rankcut.model.archs import InputContract
+from rankcut.model.contract import InputContract
 from rankcut.files.checkpoint import CheckpointMeta, save
 from rankcut.cli.console import Reporter
 from rankcut.errors import RankcutError

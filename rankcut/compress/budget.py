@@ -5,11 +5,10 @@ options: a rank-k pair for every k whose pair saves MACs (DESIGN §4), or stayin
 pair it already is) at zero predicted loss. Each option has an exact cost (from the layer's geometry) and
 a predicted loss in one currency shared by all layers:
 
-- ``fisher``, ``hessian``: the method's own prediction (output-loss units), as is;
-- ``pca``: the discarded fraction of the layer's output variance, ``loss[k] / loss[0]``;
-- ``svd``: the discarded fraction of the weight's energy (squared singular values);
-- ``l1``: the discarded fraction of the filters' L1 mass;
-- ``random`` predicts nothing, so it cannot share a budget.
+- methods registered with ``budget="raw"`` (fisher, hessian): the method's own prediction (output-loss units);
+- ``budget="fraction"`` (pca, svd, l1): the discarded fraction of what the method measures, ``loss[k] / loss[0]``
+  (output variance, weight energy, filter L1 mass);
+- ``budget=None`` (random) predicts nothing, so it cannot share a budget.
 
 ``allocate`` minimises the summed loss under the budget: the Lagrangian sweep (every layer picks the option
 minimising ``loss + lambda * cost``, solved exactly on each layer's lower convex hull) beside a small
@@ -27,71 +26,38 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from rankcut.model.edits import get_module
 from rankcut.errors import RankcutError
-from rankcut.model.layers import LowRank, current_rank, fold_batchnorm, out_width, pair_saves
-from rankcut.compress.methods import METHODS, Basis
-from rankcut.compress.project import layer_basis
-from rankcut.files.statsfile import LayerStats
+from rankcut.model.cost import geometry, pair_saves, target_cost
+from rankcut.model.edits import get_module
+from rankcut.model.layers import current_rank
 from rankcut.model.targets import Target
+from rankcut.compress.methods import METHODS, Basis, Method, foldable_bn, get_method, target_basis
+from rankcut.stats.moments import LayerStats
 
-KINDS = ("macs", "params")
-RAW_LOSS = {"fisher", "hessian"}
-FRACTION_UNITS = {"pca": "variance fraction", "svd": "weight energy fraction", "l1": "L1 mass fraction"}
-NO_LOSS = ("--method random predicts no loss, so it cannot share a budget: use --keep, or a method with a "
-           "predicted loss (pca, fisher, hessian, svd, l1)")
+BUDGET_KINDS = ("macs", "params")
 NEAR = 0.02  # the allocation should land within this fraction below the budget
+
+
+def no_loss(method: Method) -> str:
+    """Why ``method`` cannot share a budget (it predicts no loss)."""
+    able = ", ".join(m.name for m in METHODS.values() if m.budget)
+    return (f"--method {method.name} predicts no loss, so it cannot share a budget: use --keep, or a method with a "
+            f"predicted loss ({able})")
 
 
 def ranks_from_keep(model: nn.Module, names: list[str], keep: float) -> dict[str, int]:
     """``round(keep x current rank)`` for every named layer, at least 1 (``--keep``)."""
-    if not 0 < keep <= 1:
-        raise RankcutError(f"--keep must be in (0, 1], got {keep}")
     return {n: max(1, math.floor(keep * current_rank(get_module(model, n)) + 0.5)) for n in names}
 
 
 # ---------------------------------------------------------------------------------------------- costs
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """What a layer's cost depends on: inputs per output (``fan_in``), outputs (``width``), output positions."""
-
-    fan_in: int
-    width: int
-    positions: float
-
-    def pair_macs(self, k: int) -> int:
-        """MACs of a rank-k pair: k filters of the original kernel, then a 1x1 back up to ``width``."""
-        return round(k * (self.fan_in + self.width) * self.positions)
-
-    def pair_params(self, k: int) -> int:
-        """Parameters of a rank-k pair: down has k x fan_in weights and k biases, up width x k and width."""
-        return k * self.fan_in + k + self.width * k + self.width
-
-
-def geometry(model: nn.Module, name: str, per_layer_macs: dict[str, int]) -> Geometry:
-    """The geometry of a target (whole layer or pair), output positions taken from its counted MACs."""
-    layer = get_module(model, name)
-    first = layer.down if isinstance(layer, LowRank) else layer
-    fan_in, width = first.weight[0].numel(), out_width(layer)
-    rows = current_rank(layer) if isinstance(layer, LowRank) else width
-    macs = per_layer_macs.get(f"{name}.down" if isinstance(layer, LowRank) else name, 0)
-    if macs <= 0:
-        raise RankcutError(f"{name} does no counted work in a forward pass, so a MACs budget cannot price it")
-    return Geometry(fan_in, width, macs / (rows * fan_in))
-
-
 def whole_cost(model: nn.Module, target: Target, per_layer_macs: dict[str, int]) -> tuple[int, int]:
     """(MACs, parameters) of a target as it is now, with the BatchNorm a projection would fold into it."""
-    layer = get_module(model, target.name)
-    params = sum(p.numel() for p in layer.parameters())
-    if isinstance(layer, LowRank):
-        macs = per_layer_macs.get(f"{target.name}.down", 0) + per_layer_macs.get(f"{target.name}.up", 0)
-    else:
-        macs = per_layer_macs.get(target.name, 0)
-    if target.bn:
-        bn = get_module(model, target.bn)
+    macs, params = target_cost(model, target.name, per_layer_macs)
+    bn = foldable_bn(model, target)
+    if bn is not None:
         params += sum(p.numel() for p in bn.parameters())
         macs += per_layer_macs.get(target.bn, 0)
     return macs, params
@@ -100,29 +66,15 @@ def whole_cost(model: nn.Module, target: Target, per_layer_macs: dict[str, int])
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def comparable_loss(method: str, basis: Basis) -> np.ndarray:
+def comparable_loss(method: Method | str, basis: Basis) -> np.ndarray:
     """``loss[k]`` for k = 0..C in the currency shared across layers (see the module docstring)."""
-    if basis.loss is None:
-        raise RankcutError(NO_LOSS)
+    method = get_method(method)
+    if basis.loss is None or method.budget is None:
+        raise RankcutError(no_loss(method))
     loss = basis.loss.double().numpy().copy()
-    if method in RAW_LOSS:
+    if method.budget == "raw":
         return loss
     return loss / loss[0] if loss[0] > 0 else np.zeros_like(loss)
-
-
-def loss_units(method: str) -> str:
-    """The units of ``comparable_loss`` for ``method``."""
-    return "output change" if method in RAW_LOSS else FRACTION_UNITS.get(method, "none")
-
-
-def basis_for(model: nn.Module, target: Target, stats: LayerStats | None, method: str, **options) -> Basis:
-    """The basis ``project_model`` would use for ``target`` (its BatchNorm folded in, on a copy)."""
-    layer = get_module(model, target.name)
-    if target.bn and isinstance(layer, (nn.Conv2d, nn.Linear)):
-        bn = get_module(model, target.bn)
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            layer = fold_batchnorm(layer, bn)
-    return layer_basis(layer, target.name, stats, method, **options)
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -350,24 +302,20 @@ def _shortfall_note(layers: list[LayerOptions], costs: list[np.ndarray], choice:
             f"predicted loss ({name} to rank {rank}) costs {cost:,} {kind}")
 
 
-def plan_budget(model: nn.Module, targets: list[Target], stats: dict[str, LayerStats], method: str, kind: str,
-                fraction: float, total_before: int, per_layer_macs: dict[str, int], **options) -> Allocation:
+def plan_budget(model: nn.Module, targets: list[Target], stats: dict[str, LayerStats], method: Method | str, kind: str,
+                fraction: float, total_before: int, per_layer_macs: dict[str, int],
+                options: dict | None = None) -> Allocation:
     """Choose every target's rank so the model costs at most ``fraction`` of ``total_before`` (``--macs``/``--params``).
 
     ``total_before`` is the model's MACs or parameters (by ``kind``), ``per_layer_macs`` the per-leaf table
-    of ``measure.count_macs``. ``options`` go to the method (``damping``, ``seed``).
+    of ``cost.count_macs``. ``options`` go to the method (``damping``, ``seed``); the caller validated them.
     """
-    if kind not in KINDS:
-        raise RankcutError(f"unknown budget kind {kind!r}; choose from {', '.join(KINDS)}")
-    if not 0 < fraction < 1:
-        raise RankcutError(f"--{kind} must be in (0, 1), got {fraction}")
-    if method not in METHODS:
-        raise RankcutError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method == "random":
-        raise RankcutError(NO_LOSS)
+    method = get_method(method)
+    if method.budget is None:
+        raise RankcutError(no_loss(method))
     layers, bases = [], {}
     for t in targets:
-        bases[t.name] = basis_for(model, t, stats.get(t.name), method, **options)
+        bases[t.name] = target_basis(model, t, stats.get(t.name), method, options)
         layers.append(layer_options(model, t, per_layer_macs, comparable_loss(method, bases[t.name])))
     whole = sum(int(o.cost(kind)[-1]) for o in layers)
     fixed = total_before - whole

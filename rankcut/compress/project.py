@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from rankcut.model.edits import Edit, FoldBatchNorm, LowRankPair, get_module, set_module
+from rankcut.compress.methods import Basis, Method, foldable_bn, get_method, kept_variance, layer_basis
 from rankcut.errors import RankcutError
-from rankcut.model.layers import LowRank, current_rank, pair_saves, project_layer
-from rankcut.compress.methods import METHODS, Basis, kept_variance
-from rankcut.files.statsfile import LayerStats
+from rankcut.model.cost import pair_saves
+from rankcut.model.edits import Edit, FoldBatchNorm, LowRankPair, get_module, set_module
+from rankcut.model.layers import current_rank, project_layer
 from rankcut.model.targets import Target
+from rankcut.stats.moments import LayerStats
 
 
 @dataclass
@@ -35,35 +36,16 @@ class LayerReport:
         return asdict(self)
 
 
-def layer_cost(model: nn.Module, name: str, per_layer_macs: dict[str, int]) -> tuple[int, int]:
-    """(MACs, parameters) of one target layer or pair, from a per-leaf MACs table."""
-    module = get_module(model, name)
-    params = sum(p.numel() for p in module.parameters())
-    if isinstance(module, LowRank):
-        return per_layer_macs.get(f"{name}.down", 0) + per_layer_macs.get(f"{name}.up", 0), params
-    return per_layer_macs.get(name, 0), params
-
-
-def layer_basis(layer: nn.Module, name: str, stats: LayerStats | None, method: str, **options) -> Basis:
-    """``method``'s basis for one layer; a linear-algebra failure is one line, never a traceback."""
-    try:
-        with torch.no_grad():
-            return METHODS[method](layer, stats, **options)
-    except torch.linalg.LinAlgError as e:  # e.g. non-finite weights
-        raise RankcutError(f"--method {method} failed on layer {name}: {str(e).splitlines()[0][:160]}") from None
-
-
-def project_model(model: nn.Module, targets: list[Target], stats: dict[str, LayerStats], method: str,
-                  ranks: dict[str, int], *, only_if_saves: bool = True, bases: dict[str, Basis] | None = None,
-                  **options) -> tuple[list[Edit], list[LayerReport]]:
+def project_model(model: nn.Module, targets: list[Target], stats: dict[str, LayerStats], method: Method | str,
+                  ranks: dict[str, int], options: dict | None = None, *, only_if_saves: bool = True,
+                  bases: dict[str, Basis] | None = None) -> tuple[list[Edit], list[LayerReport]]:
     """Rank-reduce each target in place to ``ranks[name]`` with ``method``; return the edits and a report.
 
     A target where the asked rank would not save MACs is left whole (with ``only_if_saves``), and so is
     its BatchNorm. ``bases`` are already computed bases (of the BatchNorm-folded layers), e.g. by a budget
     plan; the others are computed here. ``options`` go to the method (``damping``, ``seed``).
     """
-    if method not in METHODS:
-        raise RankcutError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    method = get_method(method)
     edits: list[Edit] = []
     reports: list[LayerReport] = []
     for target in targets:
@@ -72,22 +54,22 @@ def project_model(model: nn.Module, targets: list[Target], stats: dict[str, Laye
         if only_if_saves and not pair_saves(layer, k):
             reports.append(LayerReport(target.name, old, old, f"whole: rank {k} would not save MACs"))
             continue
-        if target.bn and not isinstance(get_module(model, target.bn), nn.Identity):
+        if foldable_bn(model, target) is not None:
             fold = FoldBatchNorm(target.name, target.bn)
             fold.apply(model)
             edits.append(fold)
             layer = get_module(model, target.name)
         layer_stats = stats.get(target.name)
-        basis = (bases or {}).get(target.name) or layer_basis(layer, target.name, layer_stats, method, **options)
+        basis = (bases or {}).get(target.name) or layer_basis(layer, target.name, layer_stats, method, options)
         up, down, mu = basis.pair(k)
         pair = project_layer(layer, up, down, mu)
         if not all(torch.isfinite(p).all() for p in pair.parameters()):
-            raise RankcutError(f"--method {method} gave NaN or Inf weights for layer {target.name} (its weights "
-                               "or statistics are too extreme); nothing written")
+            raise RankcutError(f"--method {method.name} gave NaN or Inf weights for layer {target.name} (its "
+                               "weights or statistics are too extreme); nothing written")
         set_module(model, target.name, pair)
         edits.append(LowRankPair(target.name, k))
         reports.append(LayerReport(
             target.name, old, k, "projected",
             kept_variance=None if layer_stats is None else kept_variance(up, down, layer_stats),
-            predicted_loss=None if basis.loss is None else float(basis.loss[k]), loss_units=basis.units))
+            predicted_loss=None if basis.loss is None else float(basis.loss[k]), loss_units=method.loss_units))
     return edits, reports

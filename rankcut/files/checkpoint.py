@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rankcut.model import archs
-from rankcut.model.archs import InputContract
+from rankcut.model.contract import InputContract
 from rankcut.model.edits import Edit, edit_from_dict, edit_to_dict
-from rankcut.errors import RankcutError
+from rankcut.errors import RankcutError, one_line
 from rankcut.files.fileio import atomic_write, require_file
 from rankcut.files.weights import mismatches
 
@@ -116,7 +116,7 @@ def _header(path: str) -> tuple[dict[str, str] | None, dict[str, tuple[int, ...]
                 shapes[key] = tuple(sl.get_shape())
                 dtypes[key] = sl.get_dtype()
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise RankcutError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+        raise RankcutError(f"{path} is not a readable safetensors file ({one_line(str(e))[:200]})") from None
     if md is not None and sum(len(v) for v in md.values()) > _MAX_HEADER_TEXT:
         raise RankcutError(f"{path} has implausibly large metadata")
     return md, shapes, dtypes
@@ -149,7 +149,7 @@ def load_with_meta(path: str | os.PathLike, device: str | torch.device = "cpu",
         with safe_open(path, framework="pt", device="cpu") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise RankcutError(f"{path}: cannot read tensors ({str(e).splitlines()[0][:200]})") from None
+        raise RankcutError(f"{path}: cannot read tensors ({one_line(str(e))[:200]})") from None
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:  # NaN weights only give NaN outputs: a silent wrong answer in eval, a crash in svd
         raise RankcutError(f"{path}: tensor {bad} holds NaN or Inf values; the checkpoint is damaged or its "

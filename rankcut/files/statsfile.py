@@ -17,29 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from rankcut.model.archs import InputContract
+from rankcut.model.contract import InputContract
 from rankcut.errors import RankcutError
-from rankcut.files.fileio import atomic_write, require_file
+from rankcut.files.fileio import atomic_write, file_digest, require_file
 from rankcut.model.layers import out_width
 from rankcut.files.safenpz import read_npz
-from rankcut.stats.collect import Moments
+from rankcut.stats.moments import LayerStats, Moments
 from rankcut.model.targets import Target, trace
 
 FORMAT = "rankcut-stats/1"
 GRAD_KEYS = ("grad_count", "hessian", "grad_m2")
-
-
-@dataclass
-class LayerStats:
-    """Everything measured at one target layer."""
-
-    target: Target
-    moments: Moments
-    grad: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def channels(self) -> int:
-        return self.moments.mean.shape[0]
 
 
 @dataclass
@@ -66,9 +53,9 @@ class StatsFile:
 
 def save_stats(stats: StatsFile, path: str | os.PathLike) -> None:
     """Write ``stats`` to ``path`` atomically."""
-    meta = {"format": FORMAT, "checkpoint": stats.checkpoint, "samples": stats.samples, "loss": stats.loss,
-            "layers": [{"name": s.target.name, "bn": s.target.bn, "channels": s.channels} for s in stats.layers.values()],
-            **stats.info}
+    meta = {**stats.info, "format": FORMAT, "checkpoint": stats.checkpoint, "samples": stats.samples,
+            "loss": stats.loss,
+            "layers": [{"name": s.target.name, "bn": s.target.bn, "channels": s.channels} for s in stats.layers.values()]}
     arrays = {"__meta__": np.array([json.dumps(meta)])}
     for name, s in stats.layers.items():
         arrays[f"{name}/count"] = np.array(s.moments.count, dtype=np.float64)
@@ -138,6 +125,14 @@ def load_stats(path: str | os.PathLike) -> StatsFile:
         layers[name] = LayerStats(Target(name, bn if isinstance(bn, str) else None), moments, grad)
     info = {k: v for k, v in meta.items() if k not in ("format", "checkpoint", "samples", "loss", "layers")}
     return StatsFile(digest, samples, layers, loss, info)
+
+
+def check_digest(stats: StatsFile, checkpoint: str, stats_path: str) -> None:
+    """Refuse statistics computed for another checkpoint file than ``checkpoint``."""
+    digest = file_digest(checkpoint)
+    if stats.checkpoint != digest:
+        raise RankcutError(f"{stats_path} was computed for another checkpoint (digest {stats.checkpoint[:12]}), "
+                           f"not {checkpoint} ({digest[:12]}); rerun rankcut stats on {checkpoint}")
 
 
 def check_fits(stats: StatsFile, model: nn.Module, contract: InputContract, path: str) -> None:

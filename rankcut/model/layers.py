@@ -38,6 +38,16 @@ def is_target_type(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def input_side(layer: nn.Module) -> Affine:
+    """The layer that reads a target's input: the target itself, or the ``down`` half of a pair."""
+    return layer.down if isinstance(layer, LowRank) else layer
+
+
+def fan_in(layer: nn.Module) -> int:
+    """Inputs per output of a target or pair (C_in x kernel area for a conv, in_features for a linear)."""
+    return input_side(layer).weight[0].numel()
+
+
 def out_width(layer: nn.Module) -> int:
     """Number of output channels (features) of a target layer or pair."""
     return (layer.up if isinstance(layer, LowRank) else layer).weight.shape[0]
@@ -50,8 +60,7 @@ def current_rank(layer: nn.Module) -> int:
 
 def max_rank(layer: nn.Module) -> int:
     """The most directions a target's (centred) outputs can span: min(width, inputs per output), or k for a pair."""
-    first = layer.down if isinstance(layer, LowRank) else layer
-    return min(current_rank(layer), first.weight[0].numel())
+    return min(current_rank(layer), fan_in(layer))
 
 
 def _like(layer: Affine, out: int) -> Affine:
@@ -68,9 +77,8 @@ def _up(rank: int, width: int, conv: bool) -> Affine:
 
 def empty_pair(layer: nn.Module, rank: int) -> LowRank:
     """The rank-``rank`` pair that would replace ``layer`` (structure only; weights are placeholders)."""
-    first = layer.down if isinstance(layer, LowRank) else layer
-    conv = isinstance(first, nn.Conv2d)
-    return LowRank(_like(first, rank), _up(rank, out_width(layer), conv))
+    first = input_side(layer)
+    return LowRank(_like(first, rank), _up(rank, out_width(layer), isinstance(first, nn.Conv2d)))
 
 
 def with_bias(layer: Affine) -> Affine:
@@ -131,11 +139,3 @@ def project_layer(layer: nn.Module, up: torch.Tensor, down: torch.Tensor, mu: to
         pair.up.weight.copy_(up64.reshape(pair.up.weight.shape))
         pair.up.bias.copy_(mu64)
     return pair
-
-
-def pair_saves(layer: nn.Module, rank: int) -> bool:
-    """True when a rank-``rank`` pair costs fewer MACs per output position than the whole layer."""
-    first = layer.down if isinstance(layer, LowRank) else layer
-    fan_in = first.weight[0].numel()
-    width = out_width(layer)
-    return rank * (fan_in + width) < width * fan_in

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankcut.model.archs import InputContract
+from rankcut.model.contract import InputContract
 from rankcut.errors import RankcutError
+from rankcut.model.forward import probe
 from rankcut.model.layers import LowRank, is_target_type, out_width
 
 
@@ -67,21 +68,36 @@ def trace(model: nn.Module, contract: InputContract) -> tuple[list[Target], str 
                     follows[layer] = name if layer not in follows else ""
         return hook
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     try:
         handles += [candidates[n].register_forward_hook(on_layer(n)) for n in candidates]
         handles += [bns[n].register_forward_hook(on_bn(n)) for n in bns]
-        with torch.no_grad():
-            result = model(torch.zeros(1, *contract.shape, device=device))
+        result = probe(model, contract.shape)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     called = [n for n in outputs if calls[n] == 1]
     final = next((n for n in called if outputs[n] is result), called[-1] if called else None)
     return [Target(n, follows.get(n) or None) for n in called], final
+
+
+def match(names: list[str], layers: list[str] | None, exclude: list[str] | None, what: str,
+          keep_unnamed: set[str] = frozenset()) -> list[str]:
+    """``names`` matching any ``--layers`` glob (default all) and no ``--exclude`` glob, in their order.
+
+    Every pattern must match something in ``names`` (a typo is an error, never an empty selection).
+    Names in ``keep_unnamed`` (the output layer) are only taken when a ``--layers`` pattern is exactly them.
+    """
+    patterns = layers or ["*"]
+    for option, given in (("--layers", layers or []), ("--exclude", exclude or [])):
+        for p in given:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise RankcutError(f"{option} {p!r} matches no {what} (it has: {_preview(names)})")
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)
+              and not any(fnmatch.fnmatchcase(n, p) for p in exclude or [])
+              and (n not in keep_unnamed or n in patterns)]
+    if not chosen:
+        raise RankcutError("no target layers selected")
+    return chosen
 
 
 def select(model: nn.Module, contract: InputContract, layers: list[str] | None = None,
@@ -91,21 +107,10 @@ def select(model: nn.Module, contract: InputContract, layers: list[str] | None =
     The output layer is only taken when a ``--layers`` pattern names it exactly.
     """
     found, final = trace(model, contract)
-    patterns = layers or ["*"]
-    chosen = [t for t in found if any(fnmatch.fnmatchcase(t.name, p) for p in patterns)
-              and (t.name != final or t.name in patterns)]
-    for p in patterns:
-        if not any(fnmatch.fnmatchcase(t.name, p) for t in found):
-            raise RankcutError(f"--layers {p!r} matches no target layer (targets: {_preview(found)})")
-    for p in exclude or []:
-        if not any(fnmatch.fnmatchcase(t.name, p) for t in found):
-            raise RankcutError(f"--exclude {p!r} matches no target layer (targets: {_preview(found)})")
-    chosen = [t for t in chosen if not any(fnmatch.fnmatchcase(t.name, p) for p in exclude or [])]
-    if not chosen:
-        raise RankcutError("no target layers selected")
-    return chosen
+    by_name = {t.name: t for t in found}
+    names = match(list(by_name), layers, exclude, "target layer", {final} if final else set())
+    return [by_name[n] for n in names]
 
 
-def _preview(targets: list[Target]) -> str:
-    names = [t.name for t in targets]
+def _preview(names: list[str]) -> str:
     return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")

@@ -12,9 +12,10 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from rankcut import dist
-from rankcut.model.archs import InputContract
+from rankcut.model.contract import InputContract
 from rankcut.run.data import UNLABELED, loader, shard
-from rankcut.errors import RankcutError
+from rankcut.errors import RankcutError, one_line
+from rankcut.model.forward import eval_mode, probe
 
 SUMS = ("samples", "labeled", "top1", "topk", "ce", "ref_top1", "ref_topk", "ref_ce", "agree", "kl", "nonfinite")
 TOP_K = 5
@@ -22,19 +23,24 @@ TOP_K = 5
 
 def output_classes(model: nn.Module, contract: InputContract) -> int:
     """How many classes the model scores: the width of its output for one zero image."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, *contract.shape, device=device))
+        out = probe(model, contract.shape)
     except RuntimeError as e:
-        raise RankcutError(f"the model cannot run on input {contract.shape}: {str(e).splitlines()[0][:160]}") from None
-    finally:
-        model.train(was_training)
+        raise RankcutError(f"the model cannot run on input {contract.shape}: {one_line(str(e))[:160]}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise RankcutError("the model must return a batch of logits (N x classes)")
     return out.shape[1]
+
+
+def check_peer(peer: nn.Module, peer_contract: InputContract, peer_name: str, contract: InputContract,
+               classes: int, name: str) -> None:
+    """Refuse a model compared or distilled with another (``name``) that takes other input or scores other classes."""
+    if peer_contract != contract:
+        raise RankcutError(f"{peer_name} expects input {peer_contract.to_dict()}, {name} {contract.to_dict()}")
+    peer_classes = output_classes(peer, contract)
+    if peer_classes != classes:
+        raise RankcutError(f"{peer_name} scores {peer_classes} classes, {name} {classes}: they score different "
+                           "numbers of classes")
 
 
 def known_labels(dataset: Dataset) -> torch.Tensor | None:
@@ -134,26 +140,19 @@ def evaluate_many(models: list[nn.Module], dataset: Dataset, classes: int, *, de
     k = min(TOP_K, classes)
     sums = torch.zeros(len(models), len(SUMS), dtype=torch.float64, device=device)
     everything = list(models) + ([reference] if reference is not None else [])
-    modes = [m.training for m in everything]
-    for m in everything:
-        m.eval()
-    try:
-        if len(part):
-            batches = loader(part, batch_size, workers)
-            task = progress.add_task("evaluating", total=len(batches), info="") if progress else None
-            with torch.inference_mode():
-                for x, y in batches:
-                    check_labels(y, classes, False, "the evaluation data")
-                    x = x.to(device)
-                    ref = reference(x).float() if reference is not None else None
-                    for i, model in enumerate(models):
-                        sums[i] += batch_sums(model(x).float(), y, k, ref)
-                    if task is not None:
-                        progress.update(task, advance=1)
-            if task is not None:
-                progress.remove_task(task)
-    finally:
-        for m, mode in zip(everything, modes):
-            m.train(mode)
+    if len(part):
+        batches = loader(part, batch_size, workers)
+        task = progress.add_task("evaluating", total=len(batches), info="") if progress else None
+        with eval_mode(*everything), torch.inference_mode():
+            for x, y in batches:
+                check_labels(y, classes, False, "the evaluation data")
+                x = x.to(device)
+                ref = reference(x).float() if reference is not None else None
+                for i, model in enumerate(models):
+                    sums[i] += batch_sums(model(x).float(), y, k, ref)
+                if task is not None:
+                    progress.update(task, advance=1)
+        if task is not None:
+            progress.remove_task(task)
     dist.all_reduce_sum_([sums], ctx)
     return [summarize(row, k, reference is not None) for row in sums]

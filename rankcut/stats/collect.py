@@ -1,113 +1,21 @@
-"""Hook-based accumulation of per-layer output statistics, one forward pass per batch for all layers.
+"""The passes over data that fill the accumulators of ``stats.moments``: hooks on every target at once.
 
-Per layer we keep the sample count, mean and centred scatter matrix (``m2``) of the output channels,
-in float64: exact to merge (parallel-axis formula), so shards, files and processes combine. Memory does
-not grow with the data: only sums are kept, never activations.
+One forward pass per batch gathers every target's output moments; with gradient statistics, one forward
+and ``probes`` backward passes per batch more. Memory does not grow with the data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from rankcut.dist import Context, all_reduce_sum_
+from rankcut.dist import Context
 from rankcut.errors import RankcutError
 from rankcut.model.targets import Target
-
-
-@dataclass
-class Moments:
-    """Count, mean and centred scatter of a layer's output channels (float64, exact to merge)."""
-
-    count: float
-    mean: torch.Tensor
-    m2: torch.Tensor
-
-    @classmethod
-    def empty(cls, channels: int) -> "Moments":
-        return cls(0.0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, channels, dtype=torch.float64))
-
-    @classmethod
-    def of(cls, out: torch.Tensor) -> "Moments":
-        """The moments of one layer output (N, C, *spatial): every sample and position is an observation."""
-        acc = ShiftedSums()
-        acc.add(out)
-        return acc.moments()
-
-    def merge(self, other: "Moments") -> "Moments":
-        """The moments of the union of both samples (parallel-axis formula)."""
-        n = self.count + other.count
-        if n == 0:
-            return self
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / n)
-        m2 = self.m2 + other.m2 + torch.outer(delta, delta) * (self.count * other.count / n)
-        return Moments(n, mean, m2)
-
-    @property
-    def covariance(self) -> torch.Tensor:
-        return self.m2 / max(self.count, 1.0)
-
-    def all_reduce(self, ctx: Context) -> "Moments":
-        """Combine the moments of every process's shard into those of all the data."""
-        if not ctx.distributed:
-            return self
-        total = torch.tensor([self.count], dtype=torch.float64)
-        weighted = self.mean * self.count
-        all_reduce_sum_([total, weighted], ctx)
-        mean = weighted / max(total.item(), 1.0)
-        d = self.mean - mean
-        m2 = self.m2 + torch.outer(d, d) * self.count
-        all_reduce_sum_([m2], ctx)
-        return Moments(total.item(), mean, m2)
-
-
-def _observations(out: torch.Tensor) -> torch.Tensor:
-    """A layer output as (N, C, positions) without copying."""
-    return out.reshape(out.shape[0], out.shape[1], -1)
-
-
-class ShiftedSums:
-    """Running sums of a layer's outputs around a fixed per-channel shift (the first batch's mean).
-
-    Subtracting a shift close to the mean before the scatter product keeps float32 products accurate;
-    the sums are kept in float64 and turned into exact moments at the end. Per batch this costs one
-    subtraction, one batched matrix product and one sum over the activations.
-    """
-
-    def __init__(self):
-        self.shift: torch.Tensor | None = None
-        self.count = 0
-        self.first: torch.Tensor | None = None
-        self.second: torch.Tensor | None = None
-
-    def add(self, out: torch.Tensor) -> None:
-        x = _observations(out[:, :, None] if out.dim() == 2 else out)
-        if self.shift is None:
-            self.shift = x.mean((0, 2), keepdim=True)
-            self.first = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-            self.second = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-        centred = x - self.shift
-        self.count += x.shape[0] * x.shape[2]
-        self.first += centred.sum((0, 2)).double()
-        flat = centred[:, :, 0] if x.shape[2] == 1 else None
-        scatter = flat.T @ flat if flat is not None else torch.bmm(centred, centred.transpose(1, 2)).sum(0)
-        self.second += scatter.double()
-
-    def finite(self) -> bool:
-        """False once a NaN or Inf has reached the sums (they propagate, so this catches every one)."""
-        return bool(torch.isfinite(self.first).all() and torch.isfinite(self.second).all())
-
-    def moments(self) -> Moments:
-        if self.shift is None:
-            raise ValueError("no observations")
-        n = float(self.count)
-        mean = self.shift.reshape(-1).double() + self.first / n
-        return Moments(n, mean.cpu(), (self.second - torch.outer(self.first, self.first) / n).cpu())
+from rankcut.stats.moments import GradientSums, Moments, ShiftedSums
 
 
 @contextmanager
@@ -174,39 +82,6 @@ def draw_probe(logits: torch.Tensor, loss: str, generator: torch.Generator) -> t
     p = torch.softmax(logits.float(), dim=-1)
     y = torch.multinomial(p, 1, generator=generator)
     return ((torch.zeros_like(p).scatter_(1, y, 1.0) - p) / 2 ** 0.5).to(logits.dtype)
-
-
-class GradientSums:
-    """Per-layer sums of the probe statistics: ``hessian = sum sym(S)^2`` and ``grad_m2 = sum g g^T``.
-
-    ``S = sum_p g_p (z_p - mu)^T`` per sample, with g_p the probe's gradient at position p of the layer's
-    output. For a unit v, ``v' (hessian / grad_count) v`` bounds the expected output loss from projecting v
-    out of the layer (to second order); ``grad_m2 / grad_count`` is the output-gradient covariance G.
-    """
-
-    def __init__(self, mean: torch.Tensor):
-        c = len(mean)
-        self.mean = mean
-        self.count = 0.0
-        self.hessian = torch.zeros(c, c, dtype=torch.float64, device=mean.device)
-        self.grad_m2 = torch.zeros(c, c, dtype=torch.float64, device=mean.device)
-
-    def add(self, out: torch.Tensor, grad: torch.Tensor) -> None:
-        z = _observations(out[:, :, None] if out.dim() == 2 else out) - self.mean.to(out.dtype)[None, :, None]
-        g = _observations(grad[:, :, None] if grad.dim() == 2 else grad)
-        s = torch.bmm(g, z.transpose(1, 2))
-        sym = (s + s.transpose(1, 2)).flatten(0, 1) / 2  # rows of every sample's sym(S), stacked
-        self.hessian += (sym.T @ sym).double()
-        self.grad_m2 += torch.bmm(g, g.transpose(1, 2)).sum(0).double()
-        self.count += out.shape[0]
-
-    def arrays(self, ctx: Context) -> dict[str, torch.Tensor]:
-        count = torch.tensor(self.count, dtype=torch.float64)
-        arrays = {"grad_count": count, "hessian": self.hessian.cpu(), "grad_m2": self.grad_m2.cpu()}
-        all_reduce_sum_(list(arrays.values()), ctx)
-        if not all(torch.isfinite(a).all() for a in arrays.values()):
-            raise RankcutError("gradient statistics hold NaN or Inf (the model's outputs or gradients overflowed)")
-        return arrays
 
 
 @contextmanager

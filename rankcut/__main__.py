@@ -1,0 +1,5 @@
+"""``python -m rankcut``: the command line."""
+
+from rankcut.cli import main
+
+main()

@@ -1,0 +1,295 @@
+"""rankcut's use cases, each one call from objects to objects; the CLI and the benchmarks are shells around them.
+
+    stats = collect_stats(model, contract, dataset, StatsConfig(grad="kl"))
+    result = project(model, contract, stats, ProjectConfig(method="fisher", budget=Budget("macs", 0.5)))
+    figures = evaluate([model], contract, test_set, EvalConfig(), reference=original)
+
+Configs validate themselves when made (a wrong value is a ``RankcutError`` naming the CLI flag), so a
+Python caller gets exactly the checks the CLI does. ``project`` changes the model in place, as torchao's
+``quantize_`` does; ``result.edits`` are what a checkpoint records so the structure replays on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from rankcut import dist
+from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budget, ranks_from_keep
+from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
+from rankcut.compress.project import LayerReport, project_model
+from rankcut.errors import RankcutError
+from rankcut.files.statsfile import StatsFile, check_fits
+from rankcut.model.contract import InputContract
+from rankcut.model.cost import count_macs, count_params, target_cost
+from rankcut.model.edits import Edit, get_module
+from rankcut.model.layers import LowRank, current_rank, max_rank
+from rankcut.model.targets import Target, match, select
+from rankcut.run.data import loader, shard
+from rankcut.run.evaluate import evaluate_many
+from rankcut.run.latency import alternating_latencies
+from rankcut.stats.collect import LOSSES, collect_gradients, collect_moments
+from rankcut.stats.moments import LayerStats
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """What ``collect_stats`` gathers: output moments always; probe-gradient statistics with ``grad``."""
+
+    grad: str | None = None
+    probes: int = 1
+    layers: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    batch_size: int = 64
+    workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.grad is not None and self.grad not in LOSSES:
+            raise RankcutError(f"--grad must be one of {', '.join(LOSSES)}, got {self.grad!r}")
+        if self.probes < 1:
+            raise RankcutError("--probes must be at least 1")
+        _check_loading(self.batch_size, self.workers)
+
+
+def _check_loading(batch_size: int, workers: int) -> None:
+    if batch_size < 1:
+        raise RankcutError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise RankcutError(f"--workers must be 0 or more, got {workers}")
+
+
+def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, config: StatsConfig, *,
+                  checkpoint: str = "", ctx: dist.Context | None = None, progress=None,
+                  info: dict | None = None) -> StatsFile:
+    """Statistics of every selected target over ``dataset`` (one forward pass per batch; more with ``grad``).
+
+    ``checkpoint`` is the digest of the file the model came from (``project`` on the CLI refuses statistics of
+    another file). Under torchrun (``ctx``) each process takes a shard and the sums are combined exactly.
+    """
+    ctx = ctx or dist.Context(0, 1, next(model.parameters()).device)
+    targets = select(model, contract, list(config.layers or []) or None, list(config.exclude or []) or None)
+    batches = loader(shard(dataset, ctx.rank, ctx.world), config.batch_size, config.workers)
+
+    def stage(name: str):
+        if progress is None:
+            return lambda: None
+        task = progress.add_task(name, total=len(batches), info="")
+        return lambda: progress.advance(task)
+
+    moments = collect_moments(model, targets, batches, ctx, stage("moments"))
+    gradients = {}
+    if config.grad is not None:
+        gradients = collect_gradients(model, targets, batches, moments, config.grad, config.probes, config.seed,
+                                      ctx, stage(f"gradients ({config.grad})"))
+    layers = {t.name: LayerStats(t, moments[t.name], gradients.get(t.name, {})) for t in targets}
+    extra = {**(info or {}), "seed": config.seed, **({"probes": config.probes} if config.grad else {})}
+    return StatsFile(checkpoint, len(dataset), layers, loss=config.grad, info=extra)
+
+
+def rank_limits(model: nn.Module, stats: StatsFile) -> dict[str, int]:
+    """The most directions each measured layer's outputs can span, given its structure (``layers.max_rank``)."""
+    return {name: max_rank(model.get_submodule(name)) for name in stats.layers}
+
+
+# ---------------------------------------------------------------------------------------------- projection
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A global budget: the projected model costs at most ``fraction`` of the input's total ``kind``."""
+
+    kind: str
+    fraction: float
+
+    def __post_init__(self):
+        if self.kind not in BUDGET_KINDS:
+            raise RankcutError(f"unknown budget kind {self.kind!r}; choose from {', '.join(BUDGET_KINDS)}")
+        if not 0 < self.fraction < 1:
+            raise RankcutError(f"--{self.kind} must be in (0, 1), got {self.fraction}")
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """How ``project`` rank-reduces: the method, and how much to keep (``keep`` or a ``budget``, not both).
+
+    ``damping`` is fisher's option (None: its default); ``seed`` seeds methods that draw (random).
+    """
+
+    method: str = "pca"
+    keep: float | None = None
+    budget: Budget | None = None
+    layers: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    damping: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        method = get_method(self.method)
+        if self.keep is None and self.budget is None:
+            raise RankcutError("say how much to keep: --keep F, --macs F or --params F")
+        if self.keep is not None and self.budget is not None:
+            raise RankcutError(f"--keep and --{self.budget.kind} are alternatives: give one")
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise RankcutError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.budget is not None and method.budget is None:
+            raise RankcutError(no_loss(method))
+        if self.damping is not None:
+            if "damping" not in method.options:
+                takers = ", ".join(m.name for m in METHODS.values() if "damping" in m.options)
+                raise RankcutError(f"--damping is an option of --method {takers}, not {self.method}")
+            if self.damping < 0:
+                raise RankcutError("--damping must be non-negative")
+
+    @property
+    def entry(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def options(self) -> dict:
+        """The method options, defaults filled in."""
+        return {"damping": DEFAULT_DAMPING if self.damping is None else self.damping, "seed": self.seed}
+
+
+@dataclass
+class ProjectResult:
+    """What ``project`` did: the edits to record, a report per selected layer, totals, and the budget plan."""
+
+    config: ProjectConfig
+    edits: list[Edit]
+    layers: list[LayerReport]
+    totals: dict
+    allocation: Allocation | None = None
+    budget: dict | None = field(default=None)
+
+    def history(self) -> dict:
+        """The checkpoint history entry's details (the ``project`` command adds the statistics digest)."""
+        how = {"keep": self.config.keep} if self.allocation is None else {self.allocation.kind: self.allocation.fraction}
+        return {"method": self.config.method, **how, "layers": sum(r.status == "projected" for r in self.layers)}
+
+    def to_dict(self) -> dict:
+        rows = [r.to_dict() for r in self.layers]
+        if self.allocation is not None:
+            for row in rows:
+                row["budget_loss"] = self.allocation.chosen(row["layer"])["loss"]
+        return {"method": self.config.method, "keep": self.config.keep, "budget": self.budget, "layers": rows,
+                "totals": self.totals}
+
+
+def project_targets(model: nn.Module, contract: InputContract, stats: StatsFile | None, config: ProjectConfig,
+                    where: str = "the statistics") -> list[Target]:
+    """The layers ``project`` works on: the measured ones when there are statistics, else the model's targets."""
+    layers, exclude = list(config.layers or []) or None, list(config.exclude or []) or None
+    if stats is None:
+        return select(model, contract, layers, exclude)
+    check_fits(stats, model, contract, where)
+    names = match(list(stats.layers), layers, exclude, f"layer in {where}")
+    return [stats.layers[n].target for n in names]
+
+
+def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, config: ProjectConfig,
+            where: str = "the statistics") -> ProjectResult:
+    """Rank-reduce ``model`` in place as ``config`` says; ``where`` names the statistics in error messages."""
+    method = config.entry
+    if stats is None:
+        method.check_stats(None)
+    targets = project_targets(model, contract, stats, config, where)
+    layer_stats = {} if stats is None else stats.layers
+    macs_before, per_before = count_macs(model, contract)
+    params_before = count_params(model)
+    costs_before = {t.name: target_cost(model, t.name, per_before) for t in targets}
+    plan, chosen = None, targets
+    if config.budget is None:
+        ranks = ranks_from_keep(model, [t.name for t in targets], config.keep)
+    else:
+        total = macs_before if config.budget.kind == "macs" else params_before
+        plan = plan_budget(model, targets, layer_stats, method, config.budget.kind, config.budget.fraction, total,
+                           per_before, config.options)
+        ranks = plan.ranks
+        chosen = [t for t in targets if ranks[t.name] < current_rank(get_module(model, t.name))]
+    with torch.no_grad():
+        edits, reports = project_model(model, chosen, layer_stats, method, ranks, config.options,
+                                       bases=None if plan is None else plan.bases)
+    if plan is not None:
+        reports = _with_unchanged(reports, model, targets)
+    macs_after, per_after = count_macs(model, contract)
+    params_after = count_params(model)
+    for r in reports:
+        (r.macs_before, r.params_before), (r.macs_after, r.params_after) = \
+            costs_before[r.layer], target_cost(model, r.layer, per_after)
+    totals = {"macs_before": macs_before, "macs_after": macs_after, "macs_ratio": macs_after / macs_before,
+              "params_before": params_before, "params_after": params_after,
+              "params_ratio": params_after / params_before}
+    result = ProjectResult(config, edits, reports, totals, plan)
+    if plan is not None:
+        result.budget = _budget_summary(plan, method, macs_after if plan.kind == "macs" else params_after)
+    return result
+
+
+def _with_unchanged(reports: list[LayerReport], model: nn.Module, targets: list[Target]) -> list[LayerReport]:
+    """One report per target in order: the projected ones, and the ones the budget left as they were."""
+    by_name = {r.layer: r for r in reports}
+    out = []
+    for t in targets:
+        layer = get_module(model, t.name)
+        rank, what = current_rank(layer), "pair" if isinstance(layer, LowRank) else "whole"
+        out.append(by_name.get(t.name) or LayerReport(t.name, rank, rank, f"{what}: kept by the budget"))
+    return out
+
+
+def _budget_summary(plan: Allocation, method: Method, achieved: int) -> dict:
+    if achieved > plan.budget:  # the cost model is exact; this guards the promise, not the arithmetic
+        raise RankcutError(f"internal error: the projected model has {achieved:,} {plan.kind}, over the budget "
+                           f"{plan.budget:,} (predicted {plan.total:,}); nothing written")
+    return {"kind": plan.kind, "fraction": plan.fraction, "total_before": plan.total_before, "target": plan.budget,
+            "achieved": achieved, "of_target": achieved / plan.budget, "loss": plan.loss,
+            "loss_units": method.budget_units, "note": plan.note}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How ``evaluate`` runs: batching, and whether (and at what batch size) to time inference."""
+
+    batch_size: int = 64
+    workers: int = 0
+    latency: bool = False
+
+    def __post_init__(self):
+        _check_loading(self.batch_size, self.workers)
+
+
+def evaluate(models: list[nn.Module], contract: InputContract, dataset: Dataset, classes: int, config: EvalConfig,
+             *, reference: nn.Module | None = None, ctx: dist.Context | None = None, progress=None) -> list[dict]:
+    """Accuracy, loss, size and cost of each model (and latency with ``config.latency``), in one data pass.
+
+    With a ``reference``, each entry also has the reference's figures under ``"reference"`` and the
+    ``"ratios"`` of MACs, parameters (and latency) to it. Latencies of several models are timed in
+    alternating rounds, so load from other processes hits them alike.
+    """
+    device = next(models[0].parameters()).device
+    ctx = ctx or dist.Context(0, 1, device)
+    figures = evaluate_many(models, dataset, classes, device=ctx.device, batch_size=config.batch_size,
+                            workers=config.workers, reference=reference, ctx=ctx, progress=progress)
+    timed = list(models) + ([reference] if reference is not None else [])
+    costs = [{"params": count_params(m), "macs": count_macs(m, contract)[0]} for m in timed]
+    if config.latency and ctx.primary:
+        for cost, lat in zip(costs, alternating_latencies(timed, contract, config.batch_size, ctx.device)):
+            cost["latency"] = lat
+    results = []
+    for result, cost in zip(figures, costs):
+        result = {**result, **cost}
+        if reference is not None:
+            ref = result["reference"] = {**result["reference"], **costs[-1]}
+            result["ratios"] = {"macs": result["macs"] / ref["macs"], "params": result["params"] / ref["params"]}
+            if "latency" in ref:
+                result["ratios"]["latency"] = result["latency"]["batch_ms"] / ref["latency"]["batch_ms"]
+        results.append(result)
+    return results

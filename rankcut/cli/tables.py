@@ -1,0 +1,37 @@
+"""Tables more than one command prints."""
+
+from __future__ import annotations
+
+import torch
+from rich.table import Table
+
+from rankcut.files.statsfile import StatsFile
+from rankcut.stats.moments import rank_for
+
+SPARK = "▁▂▃▄▅▆▇█"
+LEVELS = (0.90, 0.95, 0.99)
+
+
+def spectrum(values: torch.Tensor, width: int = 16) -> str:
+    """A small picture of the eigenvalue spectrum: log scale, ``width`` characters."""
+    chunks = torch.tensor_split(values.clamp_min(0), min(width, len(values)))
+    logs = torch.stack([torch.log10(c.mean() + 1e-12) for c in chunks])
+    low, high = logs.min(), logs.max()
+    levels = ((logs - low) / (high - low).clamp_min(1e-12) * (len(SPARK) - 1)).round().long()
+    return "".join(SPARK[i] for i in levels)
+
+
+def stats_summary(stats: StatsFile, title: str) -> tuple[dict, Table]:
+    """The per-layer table shown by ``stats`` and ``info S.npz``, and the same as a dict."""
+    table = Table("layer", "capture", "channels", "positions", *(f"rank@{int(f * 100)}%" for f in LEVELS),
+                  "spectrum (log)", title=title, title_justify="left")
+    rows = []
+    for name, s in stats.layers.items():
+        values = torch.linalg.eigvalsh(s.moments.covariance).flip(0).clamp_min(0)
+        row = {"layer": name, "capture": s.target.capture, "channels": s.channels, "positions": int(s.moments.count),
+               **{f"rank_{int(f * 100)}": rank_for(values, f) for f in LEVELS}}
+        rows.append(row)
+        table.add_row(name, s.target.capture, str(s.channels), f"{row['positions']:,}",
+                      *(str(row[f"rank_{int(f * 100)}"]) for f in LEVELS), spectrum(values))
+    data = {**stats.info, "checkpoint": stats.checkpoint, "samples": stats.samples, "loss": stats.loss, "layers": rows}
+    return data, table
