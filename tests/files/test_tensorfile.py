@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from rankcut.errors import RankcutError
+from rankcut.files.tensorfile import read_xy
 from rankcut.model import archs
 from rankcut.model.archs import InputContract
 from rankcut.run.data import open_data
@@ -42,3 +45,18 @@ def test_unreadable_tensor_files(tmp_path, name):
     path.write_bytes(b"\x00not really" * 50)
     with pytest.raises(RankcutError, match="not a readable"):
         open_data(str(path), MNIST)
+
+
+def test_npz_and_safetensors_hold_the_same_tensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (5, 28, 28), generator=g, dtype=torch.uint8), torch.arange(5)
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy())
+    save_file({"x": x, "y": y}, str(tmp_path / "d.safetensors"))
+    np.savez(tmp_path / "unlabelled.npz", x=x.numpy())
+    for name in ("d.npz", "d.safetensors"):
+        got_x, got_y = read_xy(tmp_path / name)
+        assert torch.equal(got_x, x) and torch.equal(got_y, y), name
+    assert read_xy(tmp_path / "unlabelled.npz")[1] is None
+    np.savez(tmp_path / "bool.npz", x=x.numpy(), y=np.ones(5, bool))
+    with pytest.raises(RankcutError, match="y must be a 1-D integer tensor"):
+        read_xy(tmp_path / "bool.npz")

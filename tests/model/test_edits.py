@@ -9,7 +9,7 @@ from builders import assert_same_state, randomize_, small_resnet
 from rankcut.errors import RankcutError
 from rankcut.files.checkpoint import CheckpointMeta, load, load_with_meta, save
 from rankcut.model import archs
-from rankcut.model.edits import FoldBatchNorm, LowRankPair
+from rankcut.model.edits import FoldBatchNorm, LowRankPair, edit_from_dict, edit_to_dict, get_module, set_module
 from rankcut.model.layers import LowRank
 
 
@@ -65,3 +65,29 @@ def test_edits_contradicting_the_tensors_are_refused(tmp_path):
     save(model, meta.with_edits(*edits[:-1]), path)  # the last pair not recorded at all
     with pytest.raises(RankcutError, match="missing layer3.conv2.weight"):
         load(path)
+
+
+def test_edits_round_trip_through_dicts_and_refuse_malformed_ones():
+    for edit in (FoldBatchNorm("layer1.conv1", "layer1.bn1"), LowRankPair("fc", 3)):
+        assert edit_from_dict(edit_to_dict(edit)) == edit
+    assert edit_to_dict(LowRankPair("fc", 3)) == {"kind": "low_rank", "layer": "fc", "rank": 3}
+    for junk, message in [({"kind": "prune", "layer": "fc"}, "unknown edit 'prune'"), ("low_rank", "unknown edit"),
+                          ({"kind": "low_rank", "layer": "fc"}, "malformed low_rank edit: fields"),
+                          ({"kind": "low_rank", "layer": "fc", "rank": 3, "extra": 1}, "malformed low_rank edit: fields"),
+                          ({"kind": "low_rank", "layer": "fc", "rank": True}, "rank=True"),
+                          ({"kind": "fold_bn", "layer": "stem", "bn": 7}, "bn=7")]:
+        with pytest.raises(RankcutError, match=message):
+            edit_from_dict(junk)
+
+
+def test_edits_refuse_what_they_cannot_apply():
+    model = small_resnet()
+    for edit, message in [(FoldBatchNorm("stem", "layer1.conv1"), "expected a conv/linear and a BatchNorm"),
+                          (FoldBatchNorm("stem", "layer2.bn1"), "channel counts differ"),
+                          (LowRankPair("bn", 2), "BatchNorm2d is not a conv or linear layer"),
+                          (LowRankPair("fc", 11), "outside 1..10"), (LowRankPair("nope", 2), "no layer named 'nope'")]:
+        with pytest.raises(RankcutError, match=message):
+            edit.apply(model)
+    with pytest.raises(RankcutError, match="no layer named 'layer1.nope'"):  # never adds a module that was not there
+        set_module(model, "layer1.nope", torch.nn.Identity())
+    assert isinstance(get_module(model, "fc"), torch.nn.Linear)  # nothing was changed by the refusals
