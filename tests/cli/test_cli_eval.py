@@ -1,5 +1,6 @@
 """``rankcut eval``: latency, the tables, several checkpoints in one pass (each as it would be alone), and
-outputs that are not finite or inputs that do not fit."""
+outputs that are not finite or inputs that do not fit.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """stats then project on data that cannot show every channel (few samples, dead channels, constant images):
-the commands warn, and a projection to at least the data's rank reproduces the layer's outputs on it."""
+the commands warn, and a projection to at least the data's rank reproduces the layer's outputs on it.
+"""
 
 from __future__ import annotations
 

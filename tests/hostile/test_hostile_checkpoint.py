@@ -1,7 +1,8 @@
 """Files that are not (good) checkpoints, through every command that reads one: one line, nothing written.
 
 Every bad input must give exactly one ``error: ...`` line on stderr and a non-zero exit (the ``run_cli``
-fixture checks that convention), never a traceback and never code execution."""
+fixture checks that convention), never a traceback and never code execution.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Data that is empty, damaged, too large when decoded, of the wrong layout or labels: one line from every
-command that reads data; edge cases that must work (less than a batch, other image sizes) do."""
+command that reads data; edge cases that must work (less than a batch, other image sizes) do.
+"""
 
 from __future__ import annotations
 

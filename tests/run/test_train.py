@@ -1,5 +1,6 @@
 """The fine-tuning loop: schedule, distillation loss, config checks, training from scratch, recovery after
-projection, distillation on unlabelled data, and mixed precision."""
+projection, distillation on unlabelled data, and mixed precision.
+"""
 
 from __future__ import annotations
 
