@@ -18,9 +18,7 @@ def run(args, *, fails: bool = False, env: dict | None = None):
     Typer's typer.testing.CliRunner always keeps stdout and stderr apart (``result.stdout``/``.stderr``).
     """
     args = [str(a) for a in args]
-    result = CliRunner().invoke(app, args, env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
+    result = invoke(*args, env=env)
     shown = f"rankcut {' '.join(args)}\n--- stdout:\n{result.stdout}\n--- stderr:\n{result.stderr}"
     assert "Traceback" not in result.stdout + result.stderr, shown
     if fails:
@@ -37,6 +35,16 @@ def run(args, *, fails: bool = False, env: dict | None = None):
         assert isinstance(result.data, dict), shown
     return result
 
+
+def invoke(*args, env: dict | None = None):
+    """``rankcut ARGS`` in-process with no convention checks (for tests that check exit codes themselves).
+
+    An exception escaping the command is a bug in rankcut and is re-raised with its traceback.
+    """
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
 
 
 def rankcut(*args, fails: bool = False):

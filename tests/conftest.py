@@ -1,11 +1,18 @@
-"""Shared fixtures: run the CLI in-process with separate stdout/stderr, and a small random checkpoint."""
+"""Shared fixtures: run the CLI in-process with separate stdout/stderr, small random checkpoints and their files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
-from cli_helpers import run
+from builders import logits_of
+from cli_helpers import invoke, run
+
+from rankcut.files.checkpoint import load_with_meta
+from rankcut.run.data import open_data
+
+CPU = ["--device", "cpu"]
 
 
 @pytest.fixture
@@ -20,6 +27,33 @@ def mnist_ckpt(tmp_path) -> Path:
     path = tmp_path / "mnist.safetensors"
     run(["init", "--arch", "rankcut:mnist-cnn", "--seed", "0", "-o", path])
     return path
+
+
+@pytest.fixture(scope="session")
+def small_files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny small-resnet checkpoint, its statistics (plain and with --grad), and a small data file.
+
+    Made once for the session: tests read these files and must not change them.
+    """
+    root = tmp_path_factory.mktemp("small")
+    f = {"ckpt": root / "sr.safetensors", "stats": root / "sr.npz", "grad": root / "srg.npz", "data": root / "d.npz",
+         "root": root}
+    assert invoke("init", "-a", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-o", f["ckpt"]).exit_code == 0
+    assert invoke("stats", f["ckpt"], "--data", "synthetic:32", *CPU, "-o", f["stats"]).exit_code == 0
+    assert invoke("stats", f["ckpt"], "--data", "synthetic:32", "--grad", "kl", *CPU, "-o", f["grad"]).exit_code == 0
+    g = np.random.default_rng(0)
+    np.savez(f["data"], x=g.integers(0, 256, (6, 28, 28), dtype=np.uint8), y=g.integers(0, 10, 6))
+    return f
+
+
+@pytest.fixture
+def digits(mnist_ckpt, tmp_path):
+    """40 real digits labelled so that sample i's label is the model's (i mod 10)-th ranked class."""
+    x = open_data("mnist5k:test", load_with_meta(mnist_ckpt)[1].input).x[:40].numpy()
+    np.savez(tmp_path / "digits.npz", x=x)
+    order = np.argsort(-logits_of(mnist_ckpt, str(tmp_path / "digits.npz")), axis=1)
+    np.savez(tmp_path / "digits.npz", x=x, y=order[np.arange(40), np.arange(40) % 10])
+    return tmp_path / "digits.npz"
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,55 @@
-"""``rankcut eval A B ...``: several checkpoints in one pass and one table, each as it would be alone."""
+"""``rankcut eval``: latency, the tables, several checkpoints in one pass (each as it would be alone), and
+outputs that are not finite or inputs that do not fit.
+"""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
+import torch
+from builders import with_weights
+from cli_helpers import invoke, rankcut
+
+CPU = ["--device", "cpu"]
+
+
+def test_latency_is_reported_for_both_models(mnist_ckpt, digits):
+    result = rankcut("eval", mnist_ckpt, "--data", digits, "--reference", mnist_ckpt, "--latency", "-b", "4",
+                     "--device", "cpu", "--json")
+    for figures in (result["latency"], result["reference"]["latency"]):
+        assert figures["batch_size"] == 4 and figures["repeats"] >= 5
+        assert figures["image_ms"] == pytest.approx(figures["batch_ms"] / 4) and figures["batch_ms"] > 0
+    assert result["ratios"]["latency"] > 0 and result["agreement"] == 1.0 and abs(result["kl"]) < 1e-9
+
+
+def test_table_output_for_people(mnist_ckpt, digits):
+    out = rankcut("eval", mnist_ckpt, "--data", digits, "--reference", mnist_ckpt, "--device", "cpu").stdout
+    assert "top-1" in out and "top-5" in out and "KL(reference || model)" in out and "10.00%" in out
+
+
+def test_bad_inputs_give_one_line(mnist_ckpt, tmp_path):
+    outside = tmp_path / "outside.npz"
+    np.savez(outside, x=np.zeros((4, 28, 28), np.uint8), y=np.array([0, 1, 2, 12]))
+    three = tmp_path / "three.safetensors"
+    rankcut("init", "--arch", "rankcut:mnist-cnn", "--num-classes", "3", "-o", three)
+    assert "not found" in rankcut("eval", tmp_path / "none.safetensors", "--data", "synthetic:4", fails=True)
+    assert "label 12" in rankcut("eval", mnist_ckpt, "--data", outside, fails=True)
+    assert "different numbers of classes" in rankcut("eval", mnist_ckpt, "--data", "synthetic:4",
+                                                     "--reference", three, fails=True)
+
+
+def test_eval_counts_nan_outputs_as_wrong_and_warns(mnist_ckpt, tmp_path):
+    blown = with_weights(mnist_ckpt, tmp_path / "blown.safetensors", **{"fc1.weight": torch.full((128, 9216), 3e38)})
+    result = invoke("eval", blown, "--data", "mnist5k:test", "-n", "50", *CPU, "--json")
+    code, out, err = result.exit_code, result.stdout, result.stderr
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["nonfinite"] == 50 and result["top1"] == 0.0 and result["top5"] == 0.0
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "gave NaN or Inf outputs for 50 of 50 samples" in lines[0]
+
 
 DATA = ["--data", "mnist5k:test", "--samples", "60", "--device", "cpu", "-b", "16"]
 

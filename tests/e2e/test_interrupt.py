@@ -11,7 +11,6 @@ bit-identical; after SIGINT no temporary file remains; after SIGKILL at most one
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -24,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from builders import digest
+from cli_helpers import invoke
 
 from rankcut.files.checkpoint import load_with_meta
-from rankcut.cli import app
-from rankcut.files.fileio import atomic_write, remove_stale_temporaries
 from rankcut.files.statsfile import load_stats
 
 MARKER = "@@in-write-window@@"
@@ -49,25 +47,14 @@ main()
 TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.part$")
 
 
-def _cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("interrupt-inputs")
     f = {"ckpt": root / "sr.safetensors", "stats": root / "sr.npz", "data": root / "d.npz"}
-    assert _cli("init", "-a", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-o", f["ckpt"]).exit_code == 0
+    assert invoke("init", "-a", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-o", f["ckpt"]).exit_code == 0
     g = np.random.default_rng(0)
     np.savez(f["data"], x=g.integers(0, 256, (48, 28, 28), dtype=np.uint8), y=g.integers(0, 10, 48))
-    assert _cli("stats", f["ckpt"], "--data", f["data"], "--device", "cpu", "-o", f["stats"]).exit_code == 0
+    assert invoke("stats", f["ckpt"], "--data", f["data"], "--device", "cpu", "-o", f["stats"]).exit_code == 0
     return f
 
 
@@ -108,7 +95,7 @@ def _temporaries(folder: Path) -> list[Path]:
 def _check_after(command: str, folder: Path, out: Path, previous: bytes | None, inputs: dict, digests: dict,
                  killed: bool) -> str:
     """The invariant; returns what the output turned out to be."""
-    assert {k: _digest(p) for k, p in inputs.items()} == digests, f"{command}: an input changed"
+    assert {k: digest(p) for k, p in inputs.items()} == digests, f"{command}: an input changed"
     temps = _temporaries(folder)
     if killed:
         assert len(temps) <= 1, temps
@@ -131,7 +118,7 @@ def _check_after(command: str, folder: Path, out: Path, previous: bytes | None, 
 @pytest.mark.slow
 def test_signal_inside_the_write_window(inputs, tmp_path):
     """Every writing command, SIGINT, SIGTERM and SIGKILL, paused between writing the temporary file and the rename."""
-    digests = {k: _digest(p) for k, p in inputs.items()}
+    digests = {k: digest(p) for k, p in inputs.items()}
     script = tmp_path / "paused_cli.py"
     script.write_text(WRAPPER)
     runs = []
@@ -182,14 +169,14 @@ def test_signal_inside_the_write_window(inputs, tmp_path):
     for command, sig, folder, out, previous, proc in runs:
         if sig == signal.SIGKILL:
             args, _ = _commands(inputs)[command]
-            assert _cli(*args, "-o", out).exit_code == 0
+            assert invoke(*args, "-o", out).exit_code == 0
             assert _temporaries(folder) == [] and _valid(command, out)
 
 
 @pytest.mark.slow
 def test_signal_at_random_moments(inputs, tmp_path):
     """The unmodified CLI, killed at random times (before, during or after its write): the invariant holds."""
-    digests = {k: _digest(p) for k, p in inputs.items()}
+    digests = {k: digest(p) for k, p in inputs.items()}
     rng = random.Random(int(os.environ.get("RANKCUT_TEST_SEED", time.time_ns() % 10_000)))
     runs = []
     start = time.monotonic()
@@ -224,73 +211,6 @@ def test_signal_at_random_moments(inputs, tmp_path):
     assert len(states) == 8
 
 
-def test_interrupt_after_the_write_says_so(tmp_path, monkeypatch):
-    """Ctrl-C after the output was renamed into place: the message must not claim nothing was written."""
-    from rankcut.cli.console import Reporter
-
-    def interrupted(self, data, *renderables):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Reporter, "result", interrupted)
-    out = tmp_path / "m.safetensors"
-    result = CliRunner().invoke(app, ["init", "-a", "rankcut:mnist-cnn", "-o", str(out)])
-    assert result.exit_code == 130 and out.exists()
-    assert result.stderr.splitlines() == [f"error: interrupted; {out} had already been written"]
-    import rankcut.cli.init
-
-    def no_save(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(rankcut.cli.init, "save", no_save)
-    result = CliRunner().invoke(app, ["init", "-a", "rankcut:mnist-cnn", "-o", str(tmp_path / "x.safetensors")])
-    # The next command in the same process reports its own writes only.
-    assert result.exit_code == 130 and result.stderr.splitlines() == ["error: interrupted; no output was written"]
-
-
-# --- -o equal to an input ----------------------------------------------------------------------------------------------
-
-def test_output_equal_to_an_input_is_refused_without_force(inputs, tmp_path):
-    ckpt, stats, data = inputs["ckpt"], inputs["stats"], inputs["data"]
-    teacher = tmp_path / "teacher.safetensors"
-    teacher.write_bytes(ckpt.read_bytes())
-    weights = tmp_path / "w.safetensors"
-    from safetensors.torch import save_file
-
-    model, _ = load_with_meta(ckpt)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    link = tmp_path / "link.safetensors"
-    link.symlink_to(ckpt)
-    hard = tmp_path / "hard.safetensors"
-    os.link(ckpt, hard)
-    cases = {
-        "init -o WEIGHTS": (["init", "-a", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-w", weights], weights),
-        "stats -o CKPT": (["stats", ckpt, "--data", data, "--device", "cpu"], ckpt),
-        "stats -o DATA": (["stats", ckpt, "--data", data, "--device", "cpu"], data),
-        "stats -o symlink to CKPT": (["stats", link, "--data", data, "--device", "cpu"], ckpt),
-        "project -o CKPT": (["project", ckpt, "--stats", stats, "--keep", "0.5"], ckpt),
-        "project -o STATS": (["project", ckpt, "--stats", stats, "--keep", "0.5"], stats),
-        "project -o hard link to CKPT": (["project", hard, "--method", "svd", "--keep", "0.5"], ckpt),
-        "finetune -o CKPT": (["finetune", ckpt, "--data", data, "--device", "cpu"], ckpt),
-        "finetune -o TEACHER": (["finetune", ckpt, "--teacher", teacher, "--data", data, "--device", "cpu"], teacher),
-        "finetune -o DATA": (["finetune", ckpt, "--data", data, "--device", "cpu"], data),
-        "finetune -o EVAL-DATA": (["finetune", ckpt, "--data", "synthetic:8", "--eval-data", data, "--device", "cpu"], data),
-    }
-    files = [ckpt, stats, data, teacher, weights]
-    digests = {p: _digest(p) for p in files}
-    for name, (args, out) in cases.items():
-        result = _cli(*args, "-o", out)
-        lines = result.stderr.splitlines()
-        assert result.exit_code == 1 and len(lines) == 1, (name, result.stderr)
-        assert "is also an input; pass --force to overwrite it" in lines[0], (name, lines[0])
-    assert {p: _digest(p) for p in files} == digests
-    # With --force the command may replace its own input (atomically: it read it completely first).
-    assert _cli("project", teacher, "--method", "svd", "--keep", "0.5", "-o", teacher, "--force").exit_code == 0
-    assert len(load_with_meta(teacher)[1].edits) > 0
-    assert _cli("init", "-a", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-w", weights, "-o", weights,
-                "--force").exit_code == 0
-    load_with_meta(weights)
-
-
 def _importing_numpy(pid: int) -> bool:
     """numpy's extension is mapped into the process: its (slow) import of numpy and torch is under way."""
     return "_multiarray_umath" in Path(f"/proc/{pid}/maps").read_text()
@@ -313,33 +233,3 @@ def test_signal_while_starting(inputs, tmp_path, sig):
     word, code = ("interrupted", 130) if sig == signal.SIGINT else ("terminated", 143)
     assert (proc.returncode, err.splitlines()) == (code, [f"error: {word}; no output was written"])
     assert list(tmp_path.iterdir()) == []
-
-
-# --- atomic writes: permissions and stale temporary files ---------------------------------------------------------------
-
-def test_outputs_get_ordinary_permissions(tmp_path):
-    umask = os.umask(0o022)
-    os.umask(umask)
-    out = tmp_path / "new.bin"
-    atomic_write(out, lambda tmp: Path(tmp).write_bytes(b"x"))
-    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
-    out.chmod(0o640)
-    atomic_write(out, lambda tmp: Path(tmp).write_bytes(b"y"))
-    assert out.stat().st_mode & 0o777 == 0o640 and out.read_bytes() == b"y"
-
-
-def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    out = tmp_path / "out.safetensors"
-    stale = tmp_path / f".out.safetensors.{host}-{dead.pid}.abc123.part"
-    live = tmp_path / f".out.safetensors.{host}-{os.getppid()}.def456.part"  # a process that is running
-    remote = tmp_path / f".out.safetensors.otherhost-{dead.pid}.ghi789.part"  # another machine's: not ours to judge
-    unrelated = tmp_path / f".other.safetensors.{host}-{dead.pid}.jkl012.part"
-    for p in (stale, live, remote, unrelated):
-        p.write_bytes(b"half")
-    assert remove_stale_temporaries(out) == [stale]
-    stale.write_bytes(b"half")
-    atomic_write(out, lambda tmp: Path(tmp).write_bytes(b"whole"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name, remote.name, unrelated.name])

@@ -13,7 +13,7 @@ import pytest
 
 from cli_helpers import run
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def example(name: str, out: Path, **settings) -> subprocess.CompletedProcess:
@@ -36,7 +36,7 @@ def test_mnist_example_prints_one_comparison_table(tmp_path):
              "fisher-tuned.safetensors"]
     for name in names:
         assert sum(f" {name} " in line for line in lines) == 1, f"one row for {name}:\n{proc.stdout}"
-    assert "top-1 agreement" in proc.stdout and "ms / batch" not in proc.stdout  # LATENCY=0 (timed in test_eval_many)
+    assert "top-1 agreement" in proc.stdout and "ms / batch" not in proc.stdout  # LATENCY=0 (timed in test_cli_eval)
     # The research note's ranks: conv2 64 -> 32, fc1 128 -> 64, conv1 not selected.
     for method in ("pca", "fisher"):
         projected = json.loads((out / f"{method}.json").read_text())

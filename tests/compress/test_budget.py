@@ -6,22 +6,20 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
-from rankcut.model import archs
-from rankcut.model.contract import InputContract
 from rankcut.compress.budget import allocate, comparable_loss, layer_options, plan_budget
 from rankcut.compress.methods import target_basis
-from rankcut.files.checkpoint import load_with_meta
-from rankcut.cli import app
-from rankcut.model.edits import get_module
-from rankcut.errors import RankcutError
-from rankcut.model.layers import LowRank, current_rank, out_width
-from rankcut.model.cost import count_macs, count_params
 from rankcut.compress.project import project_model
+from rankcut.errors import RankcutError
 from rankcut.files.statsfile import LayerStats
-from rankcut.stats.collect import Moments
+from rankcut.model import archs
+from rankcut.model.contract import InputContract
+from rankcut.model.cost import count_macs, count_params
+from rankcut.model.edits import get_module
+from rankcut.model.layers import LowRank, current_rank, out_width
 from rankcut.model.targets import select
+from rankcut.stats.collect import Moments
+
 
 SMALL = InputContract((3, 64, 64), archs.IMAGENET_MEAN, archs.IMAGENET_STD)
 
@@ -218,66 +216,3 @@ def test_loss_currency():
     np.testing.assert_array_equal(comparable_loss("fisher", basis), basis.loss.numpy())
     with pytest.raises(RankcutError, match="random predicts no loss"):
         plan("random", 1.0)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="module")
-def mnist_files(tmp_path_factory):
-    """A random rankcut:mnist-cnn checkpoint and its statistics on synthetic data (made once)."""
-    folder = tmp_path_factory.mktemp("budget")
-    ckpt, stats = folder / "mnist.safetensors", folder / "s.npz"
-    for args in (["init", "--arch", "rankcut:mnist-cnn", "-o", ckpt],
-                 ["stats", ckpt, "--data", "synthetic:32", "-o", stats, "--quiet"]):
-        assert CliRunner().invoke(app, [str(a) for a in args]).exit_code == 0
-    return ckpt, stats
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--keep", "0.5", "--macs", "0.5"], "--keep and --macs are alternatives"),
-    (["--keep", "0.5", "--params", "0.5"], "--keep and --params are alternatives"),
-    (["--macs", "0.5", "--params", "0.5"], "not both"),
-    (["--macs", "0"], "--macs must be in (0, 1), got 0"),
-    (["--macs", "1.2"], "--macs must be in (0, 1), got 1.2"),
-    (["--params", "1"], "--params must be in (0, 1)"),
-    (["--macs", "0.005"], "below what rank 1 in every selected layer can reach"),
-    (["--params", "0.001"], "below what rank 1 in every selected layer can reach"),
-    (["--macs", "0.5", "--method", "random"], "random predicts no loss"),
-    ([], "say how much to keep"),
-])
-def test_cli_budget_errors(tmp_path, mnist_files, run_cli, args, message):
-    ckpt, stats = mnist_files
-    out = tmp_path / "out.safetensors"
-    r = run_cli(["project", ckpt, "--stats", stats, *args, "-o", out], fails=True)
-    assert message in r.message and not out.exists()
-
-
-def test_cli_budget_report_and_repeat(tmp_path, mnist_files, run_cli):
-    ckpt, stats = mnist_files
-    current, sizes = ckpt, []
-    for step, (kind, fraction) in enumerate([("macs", 0.3), ("params", 0.6), ("macs", 0.5)]):
-        if step:
-            stats = tmp_path / f"s{step}.npz"
-            run_cli(["stats", current, "--data", "synthetic:32", "-o", stats, "--quiet"])
-        out = tmp_path / f"p{step}.safetensors"
-        data = run_cli(["project", current, "--stats", stats, f"--{kind}", fraction, "-o", out, "--json"]).data
-        budget, totals = data["budget"], data["totals"]
-        before = totals[f"{kind}_before"]
-        assert budget["target"] == int(fraction * before) and budget["achieved"] == totals[f"{kind}_after"]
-        assert budget["achieved"] <= budget["target"] and budget["loss_units"] == "variance fraction"
-        assert (budget["achieved"] >= 0.98 * budget["target"]) == (budget["note"] is None)
-        if step == 0:
-            assert budget["note"] is None
-        if step == 1:  # fc1 holds most parameters: one rank of it costs 9,345 of a 217,324 budget
-            assert "the cheapest step that lowers the predicted loss (fc1 to rank" in budget["note"]
-        rows = data["layers"]
-        assert [r["layer"] for r in rows] == ["conv1", "conv2", "fc1"]
-        assert all(r["budget_loss"] >= 0 and r["new_rank"] <= r["old_rank"] for r in rows)
-        assert sum(r["macs_after"] - r["macs_before"] for r in rows) == totals["macs_after"] - totals["macs_before"]
-        model, meta = load_with_meta(out)
-        assert meta.history[-1][kind] == fraction and count_macs(model, meta.input)[0] == totals["macs_after"]
-        sizes.append(totals[f"{kind}_after"])
-        current = out
-    table = run_cli(["project", ckpt, "--stats", mnist_files[1], "--macs", "0.4", "-o", tmp_path / "t.safetensors"])
-    assert "budget loss" in table.stdout and "macs budget 40.00%" in table.stdout

@@ -1,0 +1,110 @@
+"""Builders shared by several test files: small models and data, files to compare, a live pickle payload."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rankcut.dist import Context
+from rankcut.files.checkpoint import load_with_meta, save
+from rankcut.model import archs
+from rankcut.model.archs import InputContract
+from rankcut.run.data import open_data
+
+CPU = Context(0, 1, torch.device("cpu"))
+
+
+def batches(contract: InputContract, n: int, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *contract.shape, generator=g)
+    return [(x[i:i + batch], torch.zeros(len(x[i:i + batch]))) for i in range(0, n, batch)]
+
+
+def assert_same_state(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
+    """Same names, and every tensor bit-identical (dtype, shape and values)."""
+    a = a if isinstance(a, dict) else a.state_dict()
+    b = b if isinstance(b, dict) else b.state_dict()
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values in every parameter and BatchNorm statistic, so eval outputs depend on all of them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def small_resnet(width: int = 4, **kwargs) -> torch.nn.Module:
+    return archs.build("rankcut:small-resnet", {"width": width, **kwargs})
+
+
+def with_weights(src: Path, dst: Path, **tensors: torch.Tensor) -> Path:
+    """A copy of checkpoint ``src`` with some parameters overwritten (finite or not: saving does not check)."""
+    model, meta = load_with_meta(src)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            model.get_parameter(name).copy_(value)
+    save(model, meta, dst)
+    return dst
+
+
+def digits_npz(path, n: int, labels: bool = True, offset: int = 0):
+    """The first ``n`` mnist5k training digits as a tensor file, with or without labels."""
+    from rankcut.model.archs import MNIST
+
+    digits = open_data("mnist5k:train", MNIST)
+    arrays = {"x": digits.x[offset:offset + n].numpy()}
+    if labels:
+        arrays["y"] = digits.y[offset:offset + n].numpy()
+    np.savez(path, **arrays)
+    return path
+
+
+def logits_of(path, data: str) -> np.ndarray:
+    model, meta = load_with_meta(path)
+    x = torch.stack([item[0] for item in open_data(data, meta.input)])
+    with torch.no_grad():
+        return model(x).double().numpy()
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def folder_listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Payload:
+    """Unpickling this would run ``Path(marker).touch()``: a stand-in for arbitrary code in a pickle (.pth, .npz)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def pickled_payload(tmp_path: Path) -> tuple[Path, Path]:
+    """A .pth whose unpickling would create the returned marker file."""
+    marker = tmp_path / "PWNED"
+    weights = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": Payload(str(marker))}, weights)
+    assert not marker.exists()
+    return weights, marker

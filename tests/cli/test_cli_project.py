@@ -1,0 +1,147 @@
+"""``rankcut project``: repeated projection, methods and the statistics they need, budgets, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+from cli_helpers import invoke
+from torch import nn
+
+from rankcut.compress.methods import METHODS
+from rankcut.files.checkpoint import load_with_meta
+from rankcut.model.cost import count_macs
+from rankcut.model.edits import get_module
+from rankcut.model.layers import LowRank
+
+
+def test_cli_iterative_projection_composes(tmp_path, mnist_ckpt, run_cli):
+    current, ranks = mnist_ckpt, []
+    for step in range(3):
+        stats = tmp_path / f"s{step}.npz"
+        out = tmp_path / f"p{step}.safetensors"
+        run_cli(["stats", current, "--data", "synthetic:64", "-o", stats, "--quiet"])
+        report = run_cli(["project", current, "--stats", stats, "--keep", "0.9", "-o", out, "--json"]).data
+        assert report["totals"]["macs_after"] < report["totals"]["macs_before"]
+        model, meta = load_with_meta(out)
+        pair = get_module(model, "fc1")
+        assert isinstance(pair, LowRank) and isinstance(pair.down, nn.Linear) and isinstance(pair.up, nn.Linear)
+        ranks.append(pair.rank)
+        current = out
+    assert ranks == [115, 104, 94]
+    assert isinstance(get_module(model, "conv2"), nn.Conv2d)  # rank 58 of 64 would not save MACs
+    assert [e.kind for e in meta.edits] == ["low_rank"] * 3
+    assert [h["command"] for h in meta.history] == ["init", "project", "project", "project"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--keep", "1.5"], "--keep must be in (0, 1]"),
+    (["--keep", "0"], "--keep must be in (0, 1]"),
+    (["--keep", "0.5", "--layers", "nope*"], "matches no layer"),
+    (["--keep", "0.5", "--method", "magic"], "unknown method"),
+])
+def test_cli_project_rejects_bad_input(tmp_path, mnist_ckpt, run_cli, args, message):
+    stats = tmp_path / "s.npz"
+    run_cli(["stats", mnist_ckpt, "--data", "synthetic:8", "--layers", "conv*", "-o", stats])
+    out = tmp_path / "out.safetensors"
+    r = run_cli(["project", mnist_ckpt, "--stats", stats, *args, "-o", out], fails=True)
+    assert message in r.message and not out.exists()
+
+
+def test_cli_project_refuses_stats_of_another_checkpoint(tmp_path, mnist_ckpt, run_cli):
+    other = tmp_path / "other.safetensors"
+    run_cli(["init", "--arch", "rankcut:mnist-cnn", "--seed", "1", "-o", other])
+    stats = tmp_path / "s.npz"
+    run_cli(["stats", other, "--data", "synthetic:8", "-o", stats])
+    out = tmp_path / "out.safetensors"
+    r = run_cli(["project", mnist_ckpt, "--stats", stats, "--keep", "0.5", "-o", out], fails=True)
+    assert "another checkpoint" in r.message and not out.exists()
+
+
+def test_cli_project_refuses_layers_missing_from_stats(tmp_path, mnist_ckpt, run_cli):
+    stats = tmp_path / "s.npz"
+    run_cli(["stats", mnist_ckpt, "--data", "synthetic:8", "--layers", "conv*", "-o", stats])
+    out = tmp_path / "out.safetensors"
+    r = run_cli(["project", mnist_ckpt, "--stats", stats, "--keep", "0.5", "--layers", "fc1", "-o", out], fails=True)
+    assert "matches no layer in" in r.message and not out.exists()
+
+
+@pytest.mark.parametrize("method", ["hessian", "fisher"])
+def test_loss_aware_methods_need_gradient_statistics(tmp_path, mnist_ckpt, run_cli, method):
+    stats = tmp_path / "s.npz"
+    run_cli(["stats", mnist_ckpt, "--data", "synthetic:8", "-o", stats])
+    out = tmp_path / "out.safetensors"
+    r = run_cli(["project", mnist_ckpt, "--stats", stats, "--method", method, "--keep", "0.5", "-o", out], fails=True)
+    assert "rerun rankcut stats with --grad kl" in r.message and not out.exists()
+
+
+def test_cli_grad_statistics_feed_every_method(tmp_path, mnist_ckpt, run_cli):
+    stats = tmp_path / "g.npz"
+    data = run_cli(["stats", mnist_ckpt, "--data", "synthetic:16", "--grad", "mse", "--probes", "2", "-o", stats,
+                    "--json"]).data
+    assert data["loss"] == "mse" and data["probes"] == 2
+    for method in sorted(METHODS):
+        out = tmp_path / f"{method}.safetensors"
+        report = run_cli(["project", mnist_ckpt, "--stats", stats, "--method", method, "--keep", "0.25", "-o", out,
+                          "--json"]).data
+        projected = [r for r in report["layers"] if r["status"] == "projected"]
+        assert [r["layer"] for r in projected] == ["conv2", "fc1"]
+        assert all((r["predicted_loss"] is None) == (method == "random") for r in projected)
+
+
+@pytest.fixture(scope="module")
+def mnist_files(tmp_path_factory):
+    """A random rankcut:mnist-cnn checkpoint and its statistics on synthetic data (made once)."""
+    folder = tmp_path_factory.mktemp("budget")
+    ckpt, stats = folder / "mnist.safetensors", folder / "s.npz"
+    for args in (["init", "--arch", "rankcut:mnist-cnn", "-o", ckpt],
+                 ["stats", ckpt, "--data", "synthetic:32", "-o", stats, "--quiet"]):
+        assert invoke(*args).exit_code == 0
+    return ckpt, stats
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--keep", "0.5", "--macs", "0.5"], "--keep and --macs are alternatives"),
+    (["--keep", "0.5", "--params", "0.5"], "--keep and --params are alternatives"),
+    (["--macs", "0.5", "--params", "0.5"], "not both"),
+    (["--macs", "0"], "--macs must be in (0, 1), got 0"),
+    (["--macs", "1.2"], "--macs must be in (0, 1), got 1.2"),
+    (["--params", "1"], "--params must be in (0, 1)"),
+    (["--macs", "0.005"], "below what rank 1 in every selected layer can reach"),
+    (["--params", "0.001"], "below what rank 1 in every selected layer can reach"),
+    (["--macs", "0.5", "--method", "random"], "random predicts no loss"),
+    ([], "say how much to keep"),
+])
+def test_cli_budget_errors(tmp_path, mnist_files, run_cli, args, message):
+    ckpt, stats = mnist_files
+    out = tmp_path / "out.safetensors"
+    r = run_cli(["project", ckpt, "--stats", stats, *args, "-o", out], fails=True)
+    assert message in r.message and not out.exists()
+
+
+def test_cli_budget_report_and_repeat(tmp_path, mnist_files, run_cli):
+    ckpt, stats = mnist_files
+    current, sizes = ckpt, []
+    for step, (kind, fraction) in enumerate([("macs", 0.3), ("params", 0.6), ("macs", 0.5)]):
+        if step:
+            stats = tmp_path / f"s{step}.npz"
+            run_cli(["stats", current, "--data", "synthetic:32", "-o", stats, "--quiet"])
+        out = tmp_path / f"p{step}.safetensors"
+        data = run_cli(["project", current, "--stats", stats, f"--{kind}", fraction, "-o", out, "--json"]).data
+        budget, totals = data["budget"], data["totals"]
+        before = totals[f"{kind}_before"]
+        assert budget["target"] == int(fraction * before) and budget["achieved"] == totals[f"{kind}_after"]
+        assert budget["achieved"] <= budget["target"] and budget["loss_units"] == "variance fraction"
+        assert (budget["achieved"] >= 0.98 * budget["target"]) == (budget["note"] is None)
+        if step == 0:
+            assert budget["note"] is None
+        if step == 1:  # fc1 holds most parameters: one rank of it costs 9,345 of a 217,324 budget
+            assert "the cheapest step that lowers the predicted loss (fc1 to rank" in budget["note"]
+        rows = data["layers"]
+        assert [r["layer"] for r in rows] == ["conv1", "conv2", "fc1"]
+        assert all(r["budget_loss"] >= 0 and r["new_rank"] <= r["old_rank"] for r in rows)
+        assert sum(r["macs_after"] - r["macs_before"] for r in rows) == totals["macs_after"] - totals["macs_before"]
+        model, meta = load_with_meta(out)
+        assert meta.history[-1][kind] == fraction and count_macs(model, meta.input)[0] == totals["macs_after"]
+        sizes.append(totals[f"{kind}_after"])
+        current = out
+    table = run_cli(["project", ckpt, "--stats", mnist_files[1], "--macs", "0.4", "-o", tmp_path / "t.safetensors"])
+    assert "budget loss" in table.stdout and "macs budget 40.00%" in table.stdout
