@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -56,8 +55,6 @@ def finetune(
                       kd_alpha=(0.5 if teacher else 0.0) if kd_alpha is None else kd_alpha,
                       kd_temperature=kd_temperature, amp=amp, save_every=save_every, seed=seed, workers=workers)
     check_output(output, [checkpoint, teacher, data, eval_data], force)
-    if not (Path(output).parent if str(Path(output).parent) else Path(".")).is_dir():
-        raise RankcutError(f"output folder does not exist: {Path(output).parent}")
     ctx = dist.setup(device)
     try:
         report = Reporter(quiet, json_out, primary=ctx.primary)
