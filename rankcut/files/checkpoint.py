@@ -30,7 +30,7 @@ from rankcut.model.archs import InputContract
 from rankcut.model.edits import Edit, edit_from_dict, edit_to_dict
 from rankcut.errors import RankcutError
 from rankcut.files.fileio import atomic_write, require_file
-from rankcut.files.weights import mismatches
+from rankcut.files.weights import is_torch_save_file, mismatches
 
 FORMAT = "rankcut/1"
 _MAX_HEADER_TEXT = 16 << 20
@@ -116,6 +116,9 @@ def _header(path: str) -> tuple[dict[str, str] | None, dict[str, tuple[int, ...]
                 shapes[key] = tuple(sl.get_shape())
                 dtypes[key] = sl.get_dtype()
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if is_torch_save_file(path):
+            raise RankcutError(f"{path} is a PyTorch torch.save file, not a rankcut checkpoint; make one from its "
+                               f"weights with: rankcut init --arch ARCH --weights {path} -o OUT.safetensors") from None
         raise RankcutError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
     if md is not None and sum(len(v) for v in md.values()) > _MAX_HEADER_TEXT:
         raise RankcutError(f"{path} has implausibly large metadata")
