@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 
@@ -12,12 +13,12 @@ DATA = ["--data", "synthetic:100", "-n", "20", "--device", "cpu"]
 
 # --- user text is never read as rich markup (issue 18, item 1) --------------------------------------------------------
 
-def test_brackets_and_emoji_codes_in_names_print_as_typed(run_cli, mnist_ckpt, tmp_path):
-    named = tmp_path / "model[keep50].safetensors"
-    out = run_cli(["init", "--arch", "rankcut:mnist-cnn", "-o", named]).stdout
+def test_brackets_and_emoji_codes_in_names_print_as_typed(run_cli, mnist_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # short relative names, so no table wraps them
+    out = run_cli(["init", "--arch", "rankcut:mnist-cnn", "-o", "model[keep50].safetensors"]).stdout
     assert "model[keep50].safetensors" in out, out
     (tmp_path / "d[").mkdir()
-    closing = tmp_path / "d[" / "x].safetensors"  # the path reads 'd[/x].safetensors': a rich closing tag
+    closing = "d[/x].safetensors"  # a file x].safetensors in the folder d[; the path reads as a rich closing tag
     shutil.copy(mnist_ckpt, closing)
     out = run_cli(["eval", closing, *DATA]).stdout
     assert "d[/x].safetensors" in out and "synthetic:100" in out and "\U0001f4af" not in out, out
@@ -58,3 +59,31 @@ def test_stats_and_eval_progress_lines_name_their_pass(run_cli, mnist_ckpt, tmp_
     assert "moments: step 1/2 (50%)" in out and "moments: step 2/2 (100%)" in out, out
     out = run_cli(["eval", mnist_ckpt, *DATA, "-b", "10"], env=env).stderr
     assert "evaluating: step 2/2 (100%)" in out, out
+
+
+# --- scripting: one JSON shape, digests, what made a statistics file (issue 18, item 8) ---------------------------------
+
+def test_eval_json_has_one_shape_for_one_checkpoint_or_several(run_cli, mnist_ckpt):
+    one = run_cli(["eval", mnist_ckpt, *DATA, "--json"]).data
+    two = run_cli(["eval", mnist_ckpt, mnist_ckpt, *DATA, "--json"]).data
+    assert one.keys() == two.keys() and one["version"] == 1 and len(one["results"]) == 1
+    assert one["results"][0] == two["results"][0] == two["results"][1]
+    assert one["results"][0]["k"] == 5 and "topk" in one["results"][0] and "top5" not in one["results"][0]
+
+
+def test_info_shows_the_checkpoint_digest(run_cli, mnist_ckpt):
+    digest = hashlib.sha256(mnist_ckpt.read_bytes()).hexdigest()
+    assert run_cli(["info", mnist_ckpt, "--json"]).data["sha256"] == digest
+    assert digest in run_cli(["info", mnist_ckpt]).stdout
+
+
+def test_a_statistics_table_says_which_checkpoint_and_data_made_it_and_whether_it_has_gradients(run_cli, mnist_ckpt,
+                                                                                                 tmp_path):
+    digest = hashlib.sha256(mnist_ckpt.read_bytes()).hexdigest()[:16]
+    plain, grad = tmp_path / "plain.npz", tmp_path / "grad.npz"
+    run_cli(["stats", mnist_ckpt, *DATA, "-o", plain])
+    run_cli(["stats", mnist_ckpt, *DATA, "--grad", "kl", "-o", grad])
+    for path, gradients in ((plain, "gradient statistics: none"), (grad, "gradient statistics: kl, 1 probe")):
+        shown = " ".join(run_cli(["info", path]).stdout.split())  # the caption may wrap
+        assert f"checkpoint sha256 {digest}" in shown and "data synthetic:100, 20 samples" in shown, shown
+        assert gradients in shown, shown

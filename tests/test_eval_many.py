@@ -22,7 +22,7 @@ def test_each_result_is_what_the_checkpoint_alone_gives(three, run_cli):
     assert [r["checkpoint"] for r in many["results"]] == [str(half), str(quarter)]
     assert many["reference"]["checkpoint"] == str(base) and many["samples"] == 60 and many["classes"] == 10
     for path, together in zip((half, quarter), many["results"]):
-        alone = run_cli(["eval", path, *DATA, "--reference", base, "--json"]).data
+        alone = run_cli(["eval", path, *DATA, "--reference", base, "--json"]).data["results"][0]
         assert together == alone  # the same batches in the same order: the same sums, exactly
     assert many["results"][1]["macs"] < many["results"][0]["macs"] < many["reference"]["macs"]
 
@@ -53,10 +53,13 @@ def test_one_table_a_row_per_checkpoint(three, run_cli, monkeypatch, tmp_path):
     assert "top-1 agreement" in out and "MACs" in out and "x)" in out
 
 
-def test_single_checkpoint_output_keeps_its_shape(three, run_cli):
+def test_single_checkpoint_output_has_the_same_shape_as_several(three, run_cli):
     base, half, _ = three
     one = run_cli(["eval", half, *DATA, "--reference", base, "--json"]).data
-    assert "results" not in one and one["checkpoint"] == str(half) and "agreement" in one
+    many = run_cli(["eval", half, half, *DATA, "--reference", base, "--json"]).data
+    assert one.keys() == many.keys() and one["version"] == many["version"] == 1
+    assert one["results"] == many["results"][:1] and one["results"][0]["checkpoint"] == str(half)
+    assert "agreement" in one["results"][0] and "top5" not in one["results"][0]
 
 
 def test_mismatched_checkpoints_give_one_line(three, run_cli, tmp_path):

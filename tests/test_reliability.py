@@ -410,8 +410,8 @@ def test_eval_counts_nan_outputs_as_wrong_and_warns(mnist_ckpt, tmp_path):
     blown = _with_weights(mnist_ckpt, tmp_path / "blown.safetensors", **{"fc1.weight": torch.full((128, 9216), 3e38)})
     code, out, err = cli("eval", blown, "--data", "mnist5k:test", "-n", "50", *CPU, "--json")
     assert code == 0, err
-    result = json.loads(out)
-    assert result["nonfinite"] == 50 and result["top1"] == 0.0 and result["top5"] == 0.0
+    result = json.loads(out)["results"][0]
+    assert result["nonfinite"] == 50 and result["top1"] == 0.0 and result["topk"] == 0.0
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "gave NaN or Inf outputs for 50 of 50 samples" in lines[0]
 

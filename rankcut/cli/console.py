@@ -15,6 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rankcut.cli.progress import LineProgress
 
+# The shape of every --json object; bumped when a key changes meaning or moves, so scripts can tell.
+JSON_VERSION = 1
+
 
 def plain_console(**kwargs) -> Console:
     """A console that prints strings as they are: no markup, no emoji codes, no highlighting."""
@@ -52,11 +55,11 @@ class Reporter:
                         console=self.err, disable=not self.chatty, transient=True)
 
     def result(self, data: dict, *renderables) -> None:
-        """Print the command's result: ``data`` as JSON with --json, else the rich renderables."""
+        """Print the command's result: ``data`` as JSON (with the shape's version) with --json, else the renderables."""
         if not self.primary:
             return
         if self.as_json:
-            print(json.dumps(data, indent=None, default=_plain))
+            print(json.dumps({"version": JSON_VERSION, **data}, indent=None, default=_plain))
         else:
             for r in renderables:
                 self.out.print(r)
