@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import sys
+import warnings
 
 import typer
 
-from rankcut.errors import RankcutError
+from rankcut.errors import RankcutError, RankcutWarning
 from rankcut.files.fileio import written
 
 
@@ -37,7 +39,8 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         before = len(written())  # in-process callers (tests, notebooks) run many commands
         try:
-            return fn(*args, **kwargs)
+            with _warnings_as_lines():
+                return fn(*args, **kwargs)
         except KeyboardInterrupt:
             done = written()[before:]
             _say(f"error: interrupted; {', '.join(done) + ' had already been written' if done else 'no output was written'}")
@@ -50,6 +53,23 @@ def one_line_errors(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Show every ``RankcutWarning`` raised while a command runs as one ``warning: ...`` line (rank 0 only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RankcutWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, *rest, **kwargs):
+            if issubclass(category, RankcutWarning):
+                _say(f"warning: {one_line(str(message))}")
+            else:
+                shown(message, category, *rest, **kwargs)
+
+        warnings.showwarning = show
+        yield
 
 
 def _say(line: str) -> None:

@@ -93,7 +93,8 @@ def evaluate(
     try:
         report = Reporter(quiet, json_out, primary=ctx.primary)
         models, ref_model, meta, classes = _load_all(checkpoints, reference, ctx.device)
-        dataset = subset(open_data(data, meta.input, train=False, num_classes=classes, seed=seed), samples, seed)
+        dataset = subset(open_data(data, meta.input, train=False, num_classes=classes, seed=seed,
+                                   classes=meta.classes), samples, seed)
         check_dataset_labels(dataset, classes, False, f"the data {data}")
         with report.progress() as progress:
             figures = evaluate_many(models, dataset, classes, device=ctx.device, batch_size=batch_size,

@@ -9,14 +9,22 @@ import typer
 from rich.table import Table
 
 from rankcut import dist
-from rankcut.files.checkpoint import load_with_meta
+from rankcut.files.checkpoint import CheckpointMeta, load_with_meta
 from rankcut.cli.console import Reporter
-from rankcut.run.data import open_data, subset
+from rankcut.run.data import folder_classes, open_data, subset
 from rankcut.errors import RankcutError
 from rankcut.run.evaluate import check_dataset_labels, output_classes
 from rankcut.files.fileio import check_output
 from rankcut.run.train import TrainConfig, fit, saver
 from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Force, Json, Output, Quiet, Samples, Seed, Workers
+
+
+def _record_classes(meta: CheckpointMeta, train_set, classes: int) -> CheckpointMeta:
+    """The checkpoint learns its class names from the ImageFolder it is trained on, when it has none yet."""
+    names = folder_classes(train_set)
+    if meta.classes is None and names is not None and len(names) == classes:
+        return meta.with_classes(names)
+    return meta
 
 
 def _percent(value: float | None) -> str:
@@ -69,11 +77,14 @@ def finetune(
             teacher_classes = output_classes(teacher_model, meta.input)
             if teacher_classes != classes:
                 raise RankcutError(f"the teacher {teacher} scores {teacher_classes} classes, the student {classes}")
-        train_set = subset(open_data(data, meta.input, train=True, num_classes=classes, seed=seed), samples, seed)
+        train_set = subset(open_data(data, meta.input, train=True, num_classes=classes, seed=seed,
+                                     classes=meta.classes), samples, seed)
+        meta = _record_classes(meta, train_set, classes)
         check_dataset_labels(train_set, classes, cfg.kd_alpha < 1, f"the training data {data}")
         eval_set = None
         if eval_data is not None:
-            eval_set = open_data(eval_data, meta.input, train=False, num_classes=classes, seed=seed)
+            eval_set = open_data(eval_data, meta.input, train=False, num_classes=classes, seed=seed,
+                                 classes=meta.classes)
             check_dataset_labels(eval_set, classes, False, f"the evaluation data {eval_data}")
         details = {**cfg.to_dict(), "data": data, "samples": len(train_set), "teacher": teacher,
                    "processes": ctx.world}

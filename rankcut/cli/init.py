@@ -19,6 +19,7 @@ from rankcut.errors import RankcutError
 from rankcut.files.fileio import check_output, require_file
 from rankcut.model.cost import count_macs, count_params
 from rankcut.files.weights import load_weights
+from rankcut.run.evaluate import output_classes
 from rankcut.cli.options import Force, Json, Output, Quiet, Seed
 
 
@@ -34,6 +35,16 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise RankcutError(f"{what} must be comma-separated whole numbers, got {text!r}") from None
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """``--classes a,b,c`` as a tuple of distinct, non-empty names."""
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise RankcutError(f"--classes must be distinct, non-empty names separated by commas, got {text!r}")
+    return names
 
 
 def _memory_bytes() -> int | None:
@@ -75,6 +86,8 @@ def init(
     input_shape: Annotated[Optional[str], typer.Option("--input", help="Input shape C,H,W (default: the architecture's).")] = None,
     mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel normalisation mean, comma-separated.")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="Per-channel normalisation std, comma-separated.")] = None,
+    classes: Annotated[Optional[str], typer.Option("--classes", help=(
+        "Class names in output order, comma-separated: recorded, so labelled folders are read by name."))] = None,
     seed: Seed = 0,
     force: Force = False,
     json_out: Json = False,
@@ -92,6 +105,7 @@ def init(
         if num_classes < 1:
             raise RankcutError(f"--num-classes must be at least 1, got {num_classes}")
         extra["num_classes"] = num_classes
+    names = _names(classes)
     check_output(output, [weights], force)
     if weights is not None:
         require_file(weights, "weights file")
@@ -108,9 +122,15 @@ def init(
     except RuntimeError as e:
         raise RankcutError(f"{arch} cannot run on input {contract.shape}: {str(e).splitlines()[0][:160]}") from None
     meta = CheckpointMeta(arch, extra, contract).with_history("init", weights=source)
+    if names is not None:
+        scored = output_classes(model, contract)
+        if len(names) != scored:
+            raise RankcutError(f"--classes names {len(names)} classes but {arch} scores {scored}"
+                               f"{'' if num_classes else f'; add --num-classes {len(names)}'}")
+        meta = meta.with_classes(names)
     save(model, meta, output)
     data = {"output": output, "arch": arch, "arch_kwargs": extra, "input": contract.to_dict(),
-            "weights": source, "params": count_params(model), "macs": macs}
+            "weights": source, "params": count_params(model), "macs": macs, "classes": names}
     table = Table(show_header=False, box=None)
     for key in ("output", "arch", "weights", "params", "macs"):
         table.add_row(key, f"{data[key]:,}" if isinstance(data[key], int) else str(data[key]))

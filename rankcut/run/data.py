@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rankcut.model.archs import InputContract
-from rankcut.errors import RankcutError
+from rankcut.errors import RankcutError, RankcutWarning
 
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 UNLABELED = -1
@@ -229,7 +230,28 @@ def _open_image(path: str, mode: str):
 _UNREADABLE = "cannot read image "
 
 
-def _image_folder(path: Path, contract: InputContract, augment: bool) -> Dataset:
+def _by_name(base, classes: tuple[str, ...], path: Path) -> None:
+    """Label a folder's images by the model's class names (a folder may hold only some of the classes)."""
+    unknown = [c for c in base.classes if c not in classes]
+    if unknown:
+        raise RankcutError(f"{path} has class folder(s) {', '.join(unknown[:5])} that the model does not score; "
+                           f"its classes are {', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''}")
+    index = {c: classes.index(c) for c in base.classes}
+    base.samples = base.imgs = [(file, index[base.classes[t]]) for file, t in base.samples]
+    base.targets = [t for _, t in base.samples]
+    base.class_to_idx = index
+
+
+def folder_classes(dataset: Dataset) -> tuple[str, ...] | None:
+    """The class folder names of an ImageFolder dataset (through subsets), in folder order; None otherwise."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    base = getattr(dataset, "base", None)
+    return tuple(base.classes) if base is not None and hasattr(base, "imgs") else None
+
+
+def _image_folder(path: Path, contract: InputContract, augment: bool, classes: tuple[str, ...] | None,
+                  num_classes: int | None) -> Dataset:
     import torchvision.datasets as tvd
 
     # Read images in the mode the model takes: grayscale for a 1-channel model (torchvision's default
@@ -239,6 +261,12 @@ def _image_folder(path: Path, contract: InputContract, augment: bool) -> Dataset
         base = tvd.ImageFolder(str(path), loader=functools.partial(_open_image, mode=mode))
     except (FileNotFoundError, RuntimeError) as e:
         raise RankcutError(f"{path}: not an ImageFolder tree ({e})") from None
+    if classes is not None:
+        _by_name(base, classes, path)
+    elif num_classes is not None and len(base.classes) != num_classes:
+        warnings.warn(f"{path} has {len(base.classes)} class folders and the model scores {num_classes} classes, "
+                      f"but the checkpoint records no class names: folders are labelled 0..{len(base.classes) - 1} "
+                      "in sorted order (record names with rankcut init --classes)", RankcutWarning)
     dataset = PILImages(base, contract, augment)
     _check_first(dataset)
     return dataset
@@ -259,9 +287,13 @@ def _check_first(dataset: Dataset) -> None:
         raise RankcutError(f"cannot read the first image of the data: {str(e).splitlines()[0][:200]}") from None
 
 
-def open_data(spec: str, contract: InputContract, *, train: bool = False, num_classes: int = 10,
-              seed: int = 0) -> Dataset:
-    """The dataset a ``--data`` spec names, yielding ``(image, label)`` fitted to ``contract``."""
+def open_data(spec: str, contract: InputContract, *, train: bool = False, num_classes: int | None = None,
+              seed: int = 0, classes: tuple[str, ...] | None = None) -> Dataset:
+    """The dataset a ``--data`` spec names, yielding ``(image, label)`` fitted to ``contract``.
+
+    ``num_classes``: what the model scores (None: labels unused, e.g. ``stats``); synthetic labels take 10.
+    ``classes``: the model's class names (from its checkpoint); an ImageFolder is then labelled by name.
+    """
     kind, sep, rest = spec.partition(":")
     if kind == "synthetic":
         try:
@@ -270,14 +302,14 @@ def open_data(spec: str, contract: InputContract, *, train: bool = False, num_cl
             raise RankcutError(f"synthetic takes a sample count, e.g. synthetic:512; got {spec!r}") from None
         if n < 1:
             raise RankcutError("synthetic needs at least one sample")
-        return Synthetic(n, contract, num_classes, seed)
+        return Synthetic(n, contract, 10 if num_classes is None else num_classes, seed)
     if kind == "mnist5k":
         return mnist5k(rest if sep else "train", contract)
     if kind in TORCHVISION_SETS and sep:
         return _torchvision_set(kind, rest, contract)
     path = Path(spec)
     if path.is_dir():
-        return _image_folder(path, contract, augment=train)
+        return _image_folder(path, contract, train, classes, num_classes)
     if path.suffix in (".npz", ".safetensors"):
         if not path.is_file():
             raise RankcutError(f"data file not found: {spec}")
