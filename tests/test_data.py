@@ -241,8 +241,8 @@ def test_channels_that_cannot_fit(tmp_path):
     path = write_tensors(tmp_path / "two.safetensors", torch.rand(4, 2, 28, 28))
     with pytest.raises(RankcutError, match="2-channel images but the model takes 3 channels"):
         open_data(path, SMALL_RESNET_RGB)
-    path = write_tensors(tmp_path / "rgb.safetensors", torch.rand(4, 3, 28, 28))
-    with pytest.raises(RankcutError, match="3-channel images but the model takes 1 channels"):
+    path = write_tensors(tmp_path / "rgba.safetensors", torch.rand(4, 4, 28, 28))  # RGB -> gray is fitted now
+    with pytest.raises(RankcutError, match="4-channel images but the model takes 1 channels"):
         open_data(path, MNIST)
 
 

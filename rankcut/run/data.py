@@ -11,8 +11,8 @@ Specs (DESIGN §7):
   within each class the first 400 are train and the last 100 are test;
 - ``synthetic[:N]``: N seeded random images (default 256) for smoke and speed runs.
 
-Images are scaled to [0, 1], fitted to the contract (grayscale repeated to 3 channels, resized to H x W)
-and normalised with its mean/std.
+Images are scaled to [0, 1], fitted to the contract by the rule of ``fitting.py`` (grayscale <-> RGB,
+resizing; each source warns once saying what it does) and normalised with its mean/std.
 """
 
 from __future__ import annotations
@@ -29,34 +29,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from rankcut.model.archs import InputContract
 from rankcut.errors import RankcutError, RankcutWarning
+from rankcut.run.fitting import announce, announce_tensor, fit_to_contract
 
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 UNLABELED = -1
 MAX_TENSOR_FILE_ITEMS = 1 << 32
 
 
-def fit_to_contract(x: torch.Tensor, contract: InputContract) -> torch.Tensor:
-    """Fit one image (C,H,W, float in [0,1]) to the contract: channels, size, then normalisation."""
-    channels, height, width = contract.shape
-    if x.dim() != 3:
-        raise RankcutError(f"images must be C,H,W; got shape {tuple(x.shape)}")
-    if x.shape[0] != channels:
-        if x.shape[0] == 1:
-            x = x.expand(channels, -1, -1)
-        else:
-            raise RankcutError(f"the data has {x.shape[0]}-channel images but the model takes {channels} channels")
-    if x.shape[1:] != (height, width):
-        x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bilinear",
-                                            antialias=True, align_corners=False)[0]
-    mean = torch.tensor(contract.mean, dtype=x.dtype).view(-1, 1, 1)
-    std = torch.tensor(contract.std, dtype=x.dtype).view(-1, 1, 1)
-    return (x - mean) / std
-
-
 class TensorImages(Dataset):
     """Images held as one tensor (uint8 0..255 or float 0..1), fitted to the contract per item."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, contract: InputContract):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, contract: InputContract, source: str = "x"):
         if x.dim() == 3:
             x = x[:, None]
         if x.dim() != 4:
@@ -70,7 +53,7 @@ class TensorImages(Dataset):
         self.x, self.y, self.contract = x, y.long(), contract
         if len(x):
             try:
-                fit_to_contract(self._scaled(0), contract)  # fail now, not in a worker, if the shape cannot fit
+                announce_tensor(source, tuple(x.shape[1:]), contract)  # fail now, not in a worker
             except RankcutError as e:
                 hint = ""
                 if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
@@ -118,6 +101,20 @@ class Synthetic(Dataset):
         return fit_to_contract(x, self.contract), y
 
 
+class _ResizeCrop:
+    """Evaluation-time sizing: an image of the contract's size is left alone, others are resized and centre-cropped."""
+
+    def __init__(self, height: int, width: int):
+        import torchvision.transforms.v2 as T
+
+        self.size = (height, width)
+        self.steps = T.Compose([T.Resize(round(min(height, width) / 0.875), antialias=True),
+                                T.CenterCrop((height, width))])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image if tuple(image.shape[-2:]) == self.size else self.steps(image)
+
+
 class PILImages(Dataset):
     """A torchvision dataset of PIL images, converted and fitted to the contract."""
 
@@ -126,7 +123,7 @@ class PILImages(Dataset):
 
         h, w = contract.shape[1:]
         steps = [T.RandomResizedCrop((h, w), antialias=True), T.RandomHorizontalFlip()] if augment else [
-            T.Resize(round(min(h, w) / 0.875), antialias=True), T.CenterCrop((h, w))]
+            _ResizeCrop(h, w)]
         self.base, self.contract = base, contract
         self.prepare = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), *steps])
 
@@ -141,11 +138,14 @@ class PILImages(Dataset):
 class SmallPILImages(PILImages):
     """Small-image datasets (MNIST, CIFAR): resized to the contract, never cropped."""
 
-    def __init__(self, base: Dataset, contract: InputContract):
+    def __init__(self, base: Dataset, contract: InputContract, source: str):
         import torchvision.transforms.v2 as T
 
         self.base, self.contract = base, contract
         self.prepare = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+        if len(base):
+            image = base[0][0]
+            announce_tensor(source, (len(image.getbands()), image.height, image.width), contract)
 
 
 @functools.lru_cache(maxsize=1)
@@ -171,7 +171,7 @@ def mnist5k(split: str, contract: InputContract) -> TensorImages:
         idx = np.flatnonzero(labels == digit)
         chosen.append(idx[:400] if split == "train" else idx[400:500])
     order = np.sort(np.concatenate(chosen))
-    return TensorImages(torch.from_numpy(images[order]), torch.from_numpy(labels[order]), contract)
+    return TensorImages(torch.from_numpy(images[order]), torch.from_numpy(labels[order]), contract, f"mnist5k:{split}")
 
 
 def _tensor_file(path: Path, contract: InputContract) -> TensorImages:
@@ -182,7 +182,7 @@ def _tensor_file(path: Path, contract: InputContract) -> TensorImages:
         raise RankcutError(f"{path} holds no samples (x has shape {tuple(x.shape)})")
     if y is None:
         y = torch.full((len(x),), UNLABELED, dtype=torch.long)
-    return TensorImages(x, y, contract)
+    return TensorImages(x, y, contract, str(path))
 
 
 # Where torchvision looks under the folder given as its ``root``, to say so when the files are not there.
@@ -207,7 +207,7 @@ def _torchvision_set(kind: str, rest: str, contract: InputContract) -> Dataset:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise RankcutError(f"{kind}: cannot read {name} under {folder} (torchvision expects "
                            f"{folder}/{_TORCHVISION_LAYOUT[name]}; this tool never downloads): {first}") from None
-    dataset = SmallPILImages(base, contract)
+    dataset = SmallPILImages(base, contract, f"{kind}:{rest}")
     _check_first(dataset)
     return dataset
 
@@ -269,7 +269,24 @@ def _image_folder(path: Path, contract: InputContract, augment: bool, classes: t
                       "in sorted order (record names with rankcut init --classes)", RankcutWarning)
     dataset = PILImages(base, contract, augment)
     _check_first(dataset)
+    if len(base):
+        _announce_folder(str(path), base.samples[0][0], mode, contract, augment)
     return dataset
+
+
+def _announce_folder(source: str, first: str, mode: str, contract: InputContract, augment: bool) -> None:
+    """Say how a folder's images are fitted, judged by its first image (folders may mix modes and sizes)."""
+    from PIL import Image
+
+    with Image.open(first) as image:
+        have, (width, height) = image.mode, image.size
+    h, w = contract.shape[1:]
+    convert = None if have == mode else f"converted from {have} to {mode}"  # PIL converts any mode
+    size = None
+    if (height, width) != (h, w):
+        size = (f"randomly cropped and resized to {h}x{w} (training augmentation)" if augment else
+                f"resized ({round(min(h, w) / 0.875)} on the short side) and centre-cropped to {h}x{w}")
+    announce(source, f"{have} {width}x{height} (the first image)", [convert, size], contract)
 
 
 def _check_first(dataset: Dataset) -> None:
