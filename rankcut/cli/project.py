@@ -20,7 +20,7 @@ from rankcut.model.cost import count_macs, count_params
 from rankcut.compress.methods import DATA_FREE, METHODS
 from rankcut.compress.project import LayerReport, layer_cost, project_model
 from rankcut.files.statsfile import StatsFile, check_fits, load_stats
-from rankcut.model.targets import Target, select
+from rankcut.model.targets import Target, select, trace, warn_output_layer
 from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed
 
 
@@ -141,6 +141,7 @@ def project(
         _check_stats(stats, checkpoint, stats_path)
         check_fits(stats, model, meta.input, stats_path)
         targets, layer_stats = _stats_targets(stats, layers, exclude, stats_path), stats.layers
+        warn_output_layer(targets, trace(model, meta.input)[1])
     else:
         targets, layer_stats = select(model, meta.input, layers, exclude), {}
     macs_before, per_before = count_macs(model, meta.input)

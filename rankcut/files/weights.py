@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -44,7 +45,8 @@ def _unreadable(path: Path, message: str) -> str | None:
     found = _PICKLED_CLASS.search(message)
     if found:
         return (f"{path} holds a pickled {found.group(1)} object (a whole model saved with torch.save(model)?), "
-                "not a state dict; rankcut will not unpickle it, since unpickling runs code from the file. "
+                "not a state dict; rankcut reads weights with weights_only=True and will not unpickle it, since "
+                "unpickling runs code from the file. "
                 "Where the model is defined, save its weights with torch.save(model.state_dict(), 'weights.pth') "
                 "and pass that file")
     first = next((line.strip() for line in _ANSI.sub("", message).splitlines() if line.strip()), "")
@@ -52,13 +54,16 @@ def _unreadable(path: Path, message: str) -> str | None:
 
 
 def is_torch_save_file(path: str | Path) -> bool:
-    """Whether ``path`` looks like a ``torch.save`` file (a zip archive or a raw pickle), by its first bytes."""
+    """Whether ``path`` is a ``torch.save`` file: a zip archive holding ``data.pkl``, or a raw pickle."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
+            head = f.read(2)
+        if head == b"PK":
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
         return False
-    return head == b"PK\x03\x04" or head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # pickle protocols 2-5
 
 
 def _strip(key: str) -> str:

@@ -10,13 +10,14 @@ needed. The layer whose output is the network's output is not a default target.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from rankcut.model.archs import InputContract
-from rankcut.errors import RankcutError
+from rankcut.errors import RankcutError, RankcutWarning
 from rankcut.model.layers import LowRank, is_target_type, out_width
 
 
@@ -103,7 +104,15 @@ def select(model: nn.Module, contract: InputContract, layers: list[str] | None =
     chosen = [t for t in chosen if not any(fnmatch.fnmatchcase(t.name, p) for p in exclude or [])]
     if not chosen:
         raise RankcutError("no target layers selected")
+    warn_output_layer(chosen, final)
     return chosen
+
+
+def warn_output_layer(chosen: list[Target], final: str | None) -> None:
+    """Say so when the layer producing the model's output (its logits) is among the targets."""
+    if final is not None and any(t.name == final for t in chosen):
+        warnings.warn(f"{final} is the output layer: cutting it changes the logits themselves (usually the costliest "
+                      f"cut); leave it out unless you mean it", RankcutWarning)
 
 
 def _preview(targets: list[Target]) -> str:

@@ -321,7 +321,9 @@ def open_data(spec: str, contract: InputContract, *, train: bool = False, num_cl
             raise RankcutError("synthetic needs at least one sample")
         return Synthetic(n, contract, 10 if num_classes is None else num_classes, seed)
     if kind == "mnist5k":
-        return mnist5k(rest if sep else "train", contract)
+        if not sep:  # no default: the training split would make eval report training accuracy
+            raise RankcutError("say which mnist5k digits: mnist5k:train (4,000) or mnist5k:test (1,000)")
+        return mnist5k(rest, contract)
     if kind in TORCHVISION_SETS and sep:
         return _torchvision_set(kind, rest, contract)
     path = Path(spec)
