@@ -87,3 +87,14 @@ def test_a_statistics_table_says_which_checkpoint_and_data_made_it_and_whether_i
         shown = " ".join(run_cli(["info", path]).stdout.split())  # the caption may wrap
         assert f"checkpoint sha256 {digest}" in shown and "data synthetic:100, 20 samples" in shown, shown
         assert gradients in shown, shown
+
+
+# --- the finetune summary shows the schedule (issue 18, item 10) -------------------------------------------------------
+
+def test_finetune_summary_shows_the_peak_lr_and_the_schedule(run_cli, mnist_ckpt, tmp_path):
+    out = run_cli(["finetune", mnist_ckpt, "--data", "synthetic:32", "-b", "8", "--lr", "0.0123", "--device", "cpu",
+                   "-o", tmp_path / "t.safetensors"]).stdout
+    shown = " ".join(out.split())
+    assert "adamw, lr peak 0.0123: linear warm-up over the first 5% of steps, then cosine decay to 0" in shown, out
+    header = next(line for line in out.splitlines() if "epoch" in line and "loss" in line)
+    assert " lr " not in header, out  # no column of the last, decayed rate

@@ -15,7 +15,7 @@ from rankcut.run.data import folder_classes, open_data, subset
 from rankcut.errors import RankcutError
 from rankcut.run.evaluate import check_dataset_labels, output_classes
 from rankcut.files.fileio import check_output
-from rankcut.run.train import TrainConfig, fit, saver
+from rankcut.run.train import TrainConfig, fit, saver, schedule
 from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Force, Json, Output, Quiet, Samples, Seed, Workers
 
 
@@ -93,10 +93,10 @@ def finetune(
                             save=saver(meta, output, details), progress=progress, log=report.log)
     finally:
         dist.teardown(ctx)
-    table = Table("epoch", "lr", "loss", "train acc", "teacher agr.", "eval top-1", "eval loss", "img/s",
-                  title=f"wrote {output}", title_justify="left")
+    table = Table("epoch", "loss", "train acc", "teacher agr.", "eval top-1", "eval loss", "img/s",
+                  title=f"wrote {output}", title_justify="left", caption=schedule(cfg), caption_justify="left")
     for s in summaries:
-        table.add_row(str(s.epoch), f"{s.lr:.3g}", f"{s.loss:.4f}", _percent(s.acc), _percent(s.agree),
+        table.add_row(str(s.epoch), f"{s.loss:.4f}", _percent(s.acc), _percent(s.agree),
                       _percent(s.eval and s.eval["top1"]),
                       "-" if s.eval is None or s.eval["loss"] is None else f"{s.eval['loss']:.4f}",
                       f"{s.images_per_s:,.0f}")
