@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from rankcut.model.archs import InputContract
 
@@ -16,6 +15,10 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, contract: InputContract) -> tuple[int, dict[str, int]]:
     """MACs of one forward pass at batch 1: the total, and per leaf module by fully-qualified name."""
+    # Imported here: the module pulls in triton (and the mode, on first use, torch._dynamo), about a second
+    # that commands which never count MACs (stats, finetune, --help) need not pay.
+    from torch.utils.flop_counter import FlopCounterMode
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
