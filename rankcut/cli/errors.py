@@ -1,4 +1,4 @@
-"""Turning user errors into one line on stderr and a non-zero exit, in every command."""
+"""Every command's user errors as one line on stderr and a non-zero exit, its warnings as one line each."""
 
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ def evaluate(
 
     Several checkpoints (same input, same classes) are evaluated in one pass over the data and shown as one
     table, a row each; with --json the object is {"version": 1, ..., "results": [...]} however many there
-    are, each entry what that checkpoint alone gives ("topk": top-k accuracy, k in "k"). Latencies of several models are timed in alternating rounds.
+    are, each entry what that checkpoint alone gives ("topk": top-k accuracy, k in "k"). Latencies of
+    several models are timed in alternating rounds.
     """
     ctx = dist.setup(device)
     try:
