@@ -6,6 +6,7 @@ import hashlib
 import io
 import shutil
 
+from rankcut.cli import progress
 from rankcut.cli.console import Reporter, plain_console
 
 DATA = ["--data", "synthetic:100", "-n", "20", "--device", "cpu"]
@@ -56,7 +57,7 @@ def test_finetune_logs_plain_progress_lines_when_stderr_is_not_a_terminal(run_cl
 def test_stats_and_eval_progress_lines_name_their_pass(run_cli, mnist_ckpt, tmp_path):
     env = {"RANKCUT_PROGRESS_SECONDS": "0"}
     out = run_cli(["stats", mnist_ckpt, *DATA, "-b", "10", "-o", tmp_path / "s.npz"], env=env).stderr
-    assert "moments: step 1/2 (50%)" in out and "moments: step 2/2 (100%)" in out, out
+    assert "moments: step 1/2 (50%)" in out and "moments: step 2/2 (100%)" in out and "batches/s" in out, out
     out = run_cli(["eval", mnist_ckpt, *DATA, "-b", "10"], env=env).stderr
     assert "evaluating: step 2/2 (100%)" in out, out
 
@@ -98,3 +99,24 @@ def test_finetune_summary_shows_the_peak_lr_and_the_schedule(run_cli, mnist_ckpt
     assert "adamw, lr peak 0.0123: linear warm-up over the first 5% of steps, then cosine decay to 0" in shown, out
     header = next(line for line in out.splitlines() if "epoch" in line and "loss" in line)
     assert " lr " not in header, out  # no column of the last, decayed rate
+
+
+def test_progress_lines_come_at_most_once_per_interval(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    log = io.StringIO()
+    bar = progress.LineProgress(every=30, stream=log)
+    task = bar.add_task("epoch 1/1", total=100, info="")
+    for _ in range(50):  # 50 steps in 10 s: no line yet
+        now[0] += 0.2
+        bar.update(task, advance=1, info="loss 0.5000  10 img/s")
+    assert log.getvalue() == ""
+    now[0] += 21  # 31 s since the start
+    bar.update(task, advance=1, info="loss 0.4000  10 img/s")
+    assert log.getvalue() == ("epoch 1/1: step 51/100 (51%), loss 0.4000, 10 img/s, elapsed 0:00:31, "
+                              "ETA 0:00:30\n")
+    for _ in range(49):  # the last step is shown once a line has been printed
+        bar.update(task, advance=1)
+    assert log.getvalue().splitlines()[-1].startswith("epoch 1/1: step 100/100 (100%)")
+    monkeypatch.setenv(progress.INTERVAL_ENV, "2.5")
+    assert progress.interval() == 2.5

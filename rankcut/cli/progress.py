@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 INTERVAL_ENV = "RANKCUT_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 30.0
@@ -35,10 +35,10 @@ def clock(seconds: float) -> str:
 class _Task:
     description: str
     total: int | None
-    info: str = ""
+    info: str
+    start: float
+    last: float  # when the last line was printed (or the task started)
     completed: int = 0
-    start: float = field(default_factory=time.monotonic)
-    last: float = field(default_factory=time.monotonic)
     printed: bool = False
 
 
@@ -58,7 +58,8 @@ class LineProgress:
 
     def add_task(self, description: str, total: int | None = None, info: str = "", **_) -> int:
         task_id = max(self.tasks, default=-1) + 1
-        self.tasks[task_id] = _Task(description, total, info)
+        now = time.monotonic()
+        self.tasks[task_id] = _Task(description, total, info, start=now, last=now)
         return task_id
 
     def advance(self, task_id: int, advance: float = 1) -> None:
@@ -84,8 +85,10 @@ class LineProgress:
         parts = [f"{task.description}: step {task.completed:,}"]
         if task.total:
             parts[0] += f"/{task.total:,} ({100 * task.completed / task.total:.0f}%)"
-        if task.info:
+        if task.info:  # finetune's: loss, accuracy, images per second
             parts.append(task.info.replace("  ", ", "))
+        elif elapsed > 0:
+            parts.append(f"{task.completed / elapsed:,.1f} batches/s")
         parts.append(f"elapsed {clock(elapsed)}")
         if task.total and 0 < task.completed < task.total:
             parts.append(f"ETA {clock(elapsed / task.completed * (task.total - task.completed))}")
