@@ -68,9 +68,3 @@ def test_init_classes_must_match_the_outputs(run_cli, tmp_path):
     assert message == "error: --classes names 2 classes but rankcut:mnist-cnn scores 10; add --num-classes 2"
     message = run_cli(["init", "--arch", "rankcut:mnist-cnn", "--classes", "a,,b", "-o", out], fails=True).message
     assert "distinct, non-empty names" in message and not out.exists()
-
-
-def test_a_checkpoint_without_names_warns_when_the_folder_has_another_class_count(run_cli, mnist_ckpt, tmp_path):
-    two = shapes_folder(tmp_path / "two", ["circle", "triangle"])
-    err = run_cli(["eval", mnist_ckpt, "--data", two, *CPU]).stderr
-    assert err.startswith("warning: ") and "records no class names" in err and len(err.splitlines()) == 1, err

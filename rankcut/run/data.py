@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rankcut.model.archs import InputContract
-from rankcut.errors import RankcutError, RankcutWarning
+from rankcut.errors import RankcutError
 from rankcut.run.fitting import announce, announce_tensor, fit_to_contract
 
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -250,8 +249,7 @@ def folder_classes(dataset: Dataset) -> tuple[str, ...] | None:
     return tuple(base.classes) if base is not None and hasattr(base, "imgs") else None
 
 
-def _image_folder(path: Path, contract: InputContract, augment: bool, classes: tuple[str, ...] | None,
-                  num_classes: int | None) -> Dataset:
+def _image_folder(path: Path, contract: InputContract, augment: bool, classes: tuple[str, ...] | None) -> Dataset:
     import torchvision.datasets as tvd
 
     # Read images in the mode the model takes: grayscale for a 1-channel model (torchvision's default
@@ -263,10 +261,6 @@ def _image_folder(path: Path, contract: InputContract, augment: bool, classes: t
         raise RankcutError(f"{path}: not an ImageFolder tree ({e})") from None
     if classes is not None:
         _by_name(base, classes, path)
-    elif num_classes is not None and len(base.classes) != num_classes:
-        warnings.warn(f"{path} has {len(base.classes)} class folders and the model scores {num_classes} classes, "
-                      f"but the checkpoint records no class names: folders are labelled 0..{len(base.classes) - 1} "
-                      "in sorted order (record names with rankcut init --classes)", RankcutWarning)
     dataset = PILImages(base, contract, augment)
     _check_first(dataset)
     if len(base):
@@ -304,11 +298,10 @@ def _check_first(dataset: Dataset) -> None:
         raise RankcutError(f"cannot read the first image of the data: {str(e).splitlines()[0][:200]}") from None
 
 
-def open_data(spec: str, contract: InputContract, *, train: bool = False, num_classes: int | None = None,
+def open_data(spec: str, contract: InputContract, *, train: bool = False, num_classes: int = 10,
               seed: int = 0, classes: tuple[str, ...] | None = None) -> Dataset:
     """The dataset a ``--data`` spec names, yielding ``(image, label)`` fitted to ``contract``.
 
-    ``num_classes``: what the model scores (None: labels unused, e.g. ``stats``); synthetic labels take 10.
     ``classes``: the model's class names (from its checkpoint); an ImageFolder is then labelled by name.
     """
     kind, sep, rest = spec.partition(":")
@@ -319,7 +312,7 @@ def open_data(spec: str, contract: InputContract, *, train: bool = False, num_cl
             raise RankcutError(f"synthetic takes a sample count, e.g. synthetic:512; got {spec!r}") from None
         if n < 1:
             raise RankcutError("synthetic needs at least one sample")
-        return Synthetic(n, contract, 10 if num_classes is None else num_classes, seed)
+        return Synthetic(n, contract, num_classes, seed)
     if kind == "mnist5k":
         if not sep:  # no default: the training split would make eval report training accuracy
             raise RankcutError("say which mnist5k digits: mnist5k:train (4,000) or mnist5k:test (1,000)")
@@ -328,7 +321,7 @@ def open_data(spec: str, contract: InputContract, *, train: bool = False, num_cl
         return _torchvision_set(kind, rest, contract)
     path = Path(spec)
     if path.is_dir():
-        return _image_folder(path, contract, train, classes, num_classes)
+        return _image_folder(path, contract, train, classes)
     if path.suffix in (".npz", ".safetensors"):
         if not path.is_file():
             raise RankcutError(f"data file not found: {spec}")
