@@ -44,7 +44,7 @@ def log(message: str) -> None:
 
 
 def accuracy(checkpoint: Path) -> float:
-    return rankcut("eval", checkpoint, "--data", TEST, "--batch-size", 250)["top1"]
+    return rankcut("eval", checkpoint, "--data", TEST, "--batch-size", 250)["results"][0]["top1"]
 
 
 def uniform_keep(checkpoint: Path, fraction: float) -> float:

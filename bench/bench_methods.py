@@ -30,7 +30,7 @@ TUNE = ["--epochs", "1", "--lr", "1e-3", "--batch-size", "64", "--seed", "0", "-
 
 
 def accuracy(ckpt: Path) -> dict:
-    return rankcut("eval", ckpt, "--data", "mnist5k:test", "--batch-size", "500", "--quiet")
+    return rankcut("eval", ckpt, "--data", "mnist5k:test", "--batch-size", "500", "--quiet")["results"][0]
 
 
 def grad_cost(images: int, batch: int) -> tuple[float, float, float]:

@@ -66,10 +66,10 @@ else
     cp "$BASE" step0.safetensors
 fi
 rankcut eval step0.safetensors "${test[@]}" --json > step0.eval.json
-base_macs=$(json step0.eval.json 'r["macs"]')
+base_macs=$(json step0.eval.json 'r["results"][0]["macs"]')
 fraction=1
 trajectory=("$(printf '%4s  %6s  %13s  %15s  %s' step MACs 'top-1 cut' 'top-1 +tuning' checkpoint)"
-            "$(printf '%4d  %6.3f  %13s  %14.2f%%  %s' 0 1 '' "$(json step0.eval.json '100 * r["top1"]')" step0.safetensors)")
+            "$(printf '%4d  %6.3f  %13s  %14.2f%%  %s' 0 1 '' "$(json step0.eval.json '100 * r["results"][0]["top1"]')" step0.safetensors)")
 
 n=0
 while [[ $(calc "int($fraction > $TARGET + 1e-9)") == 1 ]]; do

@@ -27,7 +27,7 @@ from rankcut.model.contract import InputContract
 from rankcut.model.cost import count_macs, count_params, target_cost
 from rankcut.model.edits import Edit, get_module
 from rankcut.model.layers import LowRank, current_rank, max_rank
-from rankcut.model.targets import Target, match, select
+from rankcut.model.targets import Target, match, select, trace, warn_output_layer
 from rankcut.run.data import loader, shard
 from rankcut.run.evaluate import evaluate_many
 from rankcut.run.latency import alternating_latencies
@@ -189,7 +189,9 @@ def project_targets(model: nn.Module, contract: InputContract, stats: StatsFile 
         return select(model, contract, layers, exclude)
     check_fits(stats, model, contract, where)
     names = match(list(stats.layers), layers, exclude, f"layer in {where}")
-    return [stats.layers[n].target for n in names]
+    targets = [stats.layers[n].target for n in names]
+    warn_output_layer(targets, trace(model, contract)[1])
+    return targets
 
 
 def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, config: ProjectConfig,

@@ -23,3 +23,10 @@ def one_line(message: str) -> str:
 
 _WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.$")
 _QUALIFIED = re.compile(r"^[\w.]+(Error|Exception): ")
+
+
+class RankcutWarning(UserWarning):
+    """Something the user should know that does not stop the work (data fitted to the model, an odd choice).
+
+    Library code raises it with ``warnings.warn``; the CLI prints each as one ``warning: ...`` line on stderr.
+    """

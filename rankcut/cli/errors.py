@@ -1,15 +1,17 @@
-"""Turning user errors into one line on stderr and a non-zero exit, in every command."""
+"""Every command's user errors as one line on stderr and a non-zero exit, its warnings as one line each."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+import warnings
 
 import typer
 
 from rankcut.cli.signals import Terminated
-from rankcut.errors import RankcutError, one_line
+from rankcut.errors import RankcutError, RankcutWarning, one_line
 from rankcut.files.fileio import written
 
 
@@ -37,7 +39,8 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         before = len(written())  # in-process callers (tests, notebooks) run many commands
         try:
-            return fn(*args, **kwargs)
+            with _warnings_as_lines():
+                return fn(*args, **kwargs)
         except KeyboardInterrupt as e:
             done = written()[before:]
             what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
@@ -51,6 +54,23 @@ def one_line_errors(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Show every ``RankcutWarning`` raised while a command runs as one ``warning: ...`` line (rank 0 only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RankcutWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, *rest, **kwargs):
+            if issubclass(category, RankcutWarning):
+                _say(f"warning: {one_line(str(message))}")
+            else:
+                shown(message, category, *rest, **kwargs)
+
+        warnings.showwarning = show
+        yield
 
 
 def _say(line: str) -> None:

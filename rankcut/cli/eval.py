@@ -54,15 +54,17 @@ def evaluate_command(
     """Evaluate checkpoints: top-1/top-5, cross-entropy, parameters, MACs, latency; agreement with a reference.
 
     Several checkpoints (same input, same classes) are evaluated in one pass over the data and shown as one
-    table, a row each; with --json the object is {"results": [...]}, each entry what that checkpoint alone
-    would print. Latencies of several models are timed in alternating rounds.
+    table, a row each; with --json the object is {"version": 1, ..., "results": [...]} however many there
+    are, each entry what that checkpoint alone gives ("topk": top-k accuracy, k in "k"). Latencies of
+    several models are timed in alternating rounds.
     """
     config = EvalConfig(batch_size=batch_size, workers=workers, latency=latency)
     ctx = dist.setup(device)
     try:
         report = Reporter(quiet, json_out, primary=ctx.primary)
         models, ref_model, meta, classes = _load_all(checkpoints, reference, ctx.device)
-        dataset = subset(open_data(data, meta.input, train=False, num_classes=classes, seed=seed), samples, seed)
+        dataset = subset(open_data(data, meta.input, train=False, num_classes=classes, seed=seed,
+                                   classes=meta.classes), samples, seed)
         check_dataset_labels(dataset, classes, False, f"the data {data}")
         with report.progress() as progress:
             figures = evaluate(models, meta.input, dataset, classes, config, reference=ref_model, ctx=ctx,
@@ -77,13 +79,10 @@ def evaluate_command(
         if r["nonfinite"]:
             report.warn(f"{r['checkpoint']}{' or the reference' if reference else ''} gave NaN or Inf outputs for "
                         f"{r['nonfinite']:,} of {r['samples']:,} samples (counted as wrong; the loss is not meaningful)")
-    if len(results) == 1:
-        report.result(results[0], _table(results[0]))
-    else:
-        first = results[0]
-        report.result({"data": data, "device": first["device"], "classes": classes, "samples": first["samples"],
-                       "labeled": first["labeled"], "k": first["k"], "reference": first.get("reference"),
-                       "results": results}, _comparison(results))
+    first = results[0]  # one JSON shape for one checkpoint or several
+    report.result({"data": data, "device": first["device"], "classes": classes, "samples": first["samples"],
+                   "labeled": first["labeled"], "k": first["k"], "reference": first.get("reference"),
+                   "results": results}, _table(first) if len(results) == 1 else _comparison(results))
 
 
 def _table(r: dict) -> Table:
@@ -91,7 +90,7 @@ def _table(r: dict) -> Table:
     table = Table("", r["checkpoint"], *([ref["checkpoint"], "ratio"] if ref else []),
                   title=f"{r['data']}: {r['samples']:,} samples ({r['labeled']:,} labelled), {r['classes']} classes",
                   title_justify="left")
-    rows = [("top-1", "top1", "pct"), (f"top-{r['k']}", "top5", "pct"), ("cross-entropy", "loss", "loss"),
+    rows = [("top-1", "top1", "pct"), (f"top-{r['k']}", "topk", "pct"), ("cross-entropy", "loss", "loss"),
             ("params", "params", "num"), ("MACs", "macs", "num")]
     for label, key, kind in rows:
         cells = [_fmt(r[key], kind)]
@@ -129,7 +128,7 @@ def _comparison(results: list[dict]) -> Table:
         def with_ratio(text: str, key: str) -> str:
             return f"{text} ({_fmt(ratios[key], 'x')})" if ratios and key in ratios else text
 
-        cells = [name, _fmt(r["top1"], "pct"), _fmt(r["top5"], "pct"), _fmt(r["loss"], "loss"),
+        cells = [name, _fmt(r["top1"], "pct"), _fmt(r["topk"], "pct"), _fmt(r["loss"], "loss"),
                  with_ratio(_fmt(r["params"], "num"), "params"), with_ratio(_fmt(r["macs"], "num"), "macs")]
         if timed:
             cells.append(with_ratio(_fmt(r["latency"]["batch_ms"], "ms"), "latency"))

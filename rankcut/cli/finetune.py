@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from rankcut import dist
-from rankcut.files.checkpoint import load_with_meta
+from rankcut.files.checkpoint import CheckpointMeta, load_with_meta
 from rankcut.cli.console import Reporter
-from rankcut.run.data import open_data, subset
-from rankcut.errors import RankcutError
+from rankcut.run.data import folder_classes, open_data, subset
 from rankcut.run.evaluate import check_dataset_labels, check_peer, output_classes
 from rankcut.files.fileio import check_output
-from rankcut.run.train import TrainConfig, fit, saver
+from rankcut.run.train import TrainConfig, fit, saver, schedule
 from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Force, Json, Output, Quiet, Samples, Seed, Workers
+
+
+def _record_classes(meta: CheckpointMeta, train_set, classes: int) -> CheckpointMeta:
+    """The checkpoint learns its class names from the ImageFolder it is trained on, when it has none yet."""
+    names = folder_classes(train_set)
+    if meta.classes is None and names is not None and len(names) == classes:
+        return meta.with_classes(names)
+    return meta
 
 
 def _percent(value: float | None) -> str:
@@ -56,8 +62,6 @@ def finetune(
                       kd_alpha=(0.5 if teacher else 0.0) if kd_alpha is None else kd_alpha,
                       kd_temperature=kd_temperature, amp=amp, save_every=save_every, seed=seed, workers=workers)
     check_output(output, [checkpoint, teacher, data, eval_data], force)
-    if not (Path(output).parent if str(Path(output).parent) else Path(".")).is_dir():
-        raise RankcutError(f"output folder does not exist: {Path(output).parent}")
     ctx = dist.setup(device)
     try:
         report = Reporter(quiet, json_out, primary=ctx.primary)
@@ -67,11 +71,14 @@ def finetune(
         if teacher is not None:
             teacher_model, teacher_meta = load_with_meta(teacher, ctx.device)
             check_peer(teacher_model, teacher_meta.input, f"the teacher {teacher}", meta.input, classes, "the student")
-        train_set = subset(open_data(data, meta.input, train=True, num_classes=classes, seed=seed), samples, seed)
+        train_set = subset(open_data(data, meta.input, train=True, num_classes=classes, seed=seed,
+                                     classes=meta.classes), samples, seed)
+        meta = _record_classes(meta, train_set, classes)
         check_dataset_labels(train_set, classes, cfg.kd_alpha < 1, f"the training data {data}")
         eval_set = None
         if eval_data is not None:
-            eval_set = open_data(eval_data, meta.input, train=False, num_classes=classes, seed=seed)
+            eval_set = open_data(eval_data, meta.input, train=False, num_classes=classes, seed=seed,
+                                 classes=meta.classes)
             check_dataset_labels(eval_set, classes, False, f"the evaluation data {eval_data}")
         details = {**cfg.to_dict(), "data": data, "samples": len(train_set), "teacher": teacher,
                    "processes": ctx.world}
@@ -80,10 +87,10 @@ def finetune(
                             save=saver(meta, output, details), progress=progress, log=report.log)
     finally:
         dist.teardown(ctx)
-    table = Table("epoch", "lr", "loss", "train acc", "teacher agr.", "eval top-1", "eval loss", "img/s",
-                  title=f"wrote {output}", title_justify="left")
+    table = Table("epoch", "loss", "train acc", "teacher agr.", "eval top-1", "eval loss", "img/s",
+                  title=f"wrote {output}", title_justify="left", caption=schedule(cfg), caption_justify="left")
     for s in summaries:
-        table.add_row(str(s.epoch), f"{s.lr:.3g}", f"{s.loss:.4f}", _percent(s.acc), _percent(s.agree),
+        table.add_row(str(s.epoch), f"{s.loss:.4f}", _percent(s.acc), _percent(s.agree),
                       _percent(s.eval and s.eval["top1"]),
                       "-" if s.eval is None or s.eval["loss"] is None else f"{s.eval['loss']:.4f}",
                       f"{s.images_per_s:,.0f}")

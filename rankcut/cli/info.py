@@ -14,6 +14,7 @@ from rankcut.errors import RankcutError, one_line
 from rankcut.model.layers import LowRank, is_target_type
 from rankcut.model.cost import count_macs, count_params, target_macs
 from rankcut.cli.options import Json, Quiet
+from rankcut.files.fileio import file_digest
 from rankcut.cli.stats import stats_info
 
 
@@ -43,12 +44,14 @@ def checkpoint_info(path: str, report: Reporter) -> None:
         raise RankcutError(f"{path}: the model cannot run on its recorded input {meta.input.shape}: "
                            f"{one_line(str(e))[:160]}") from None
     rows = layer_rows(model, per_layer)
-    data = {"file": path, "arch": meta.arch, "arch_kwargs": meta.arch_kwargs, "input": meta.input.to_dict(),
-            "params": count_params(model), "macs": macs, "layers": rows,
+    data = {"file": path, "sha256": file_digest(path), "arch": meta.arch, "arch_kwargs": meta.arch_kwargs, "input": meta.input.to_dict(),
+            "classes": meta.classes, "params": count_params(model), "macs": macs, "layers": rows,
             "edits": [e.kind for e in meta.edits], "history": list(meta.history)}
     summary = Table(show_header=False, box=None, title=path, title_justify="left")
+    summary.add_row("sha256", data["sha256"])
     summary.add_row("arch", f"{meta.arch} {meta.arch_kwargs}")
     summary.add_row("input", f"{'x'.join(map(str, meta.input.shape))}  mean {meta.input.mean}  std {meta.input.std}")
+    summary.add_row("classes", "not recorded" if meta.classes is None else ", ".join(meta.classes))
     summary.add_row("params", f"{data['params']:,}")
     summary.add_row("MACs", f"{macs:,} ({macs / 1e9:.3f} G)")
     summary.add_row("edits", f"{len(meta.edits)}")

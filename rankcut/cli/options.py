@@ -19,5 +19,16 @@ Data = Annotated[str, typer.Option("--data", "-d", help=(
     "Data: a folder (ImageFolder), FILE.npz / FILE.safetensors (x, y), mnist5k:train|test, synthetic[:N], "
     "or mnist|fashion-mnist|cifar10|cifar100:DIR[:train|test]."))]
 Samples = Annotated[Optional[int], typer.Option("--samples", "-n", help="Use a seeded random subset of N samples.")]
-Layers = Annotated[Optional[list[str]], typer.Option("--layers", help="Glob over layer names to include (repeatable).")]
-Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob over layer names to exclude (repeatable).")]
+
+
+def _split_commas(values: Optional[list[str]]) -> Optional[list[str]]:
+    """``--layers conv2,fc1`` as ``--layers conv2 --layers fc1`` (layer names hold no commas)."""
+    if values is None:
+        return None
+    return [part.strip() for value in values for part in value.split(",")]
+
+
+Layers = Annotated[Optional[list[str]], typer.Option("--layers", callback=_split_commas, help=(
+    "Globs over layer names to include (comma-separated or repeated)."))]
+Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", callback=_split_commas, help=(
+    "Globs over layer names to exclude (comma-separated or repeated)."))]

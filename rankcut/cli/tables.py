@@ -23,8 +23,11 @@ def spectrum(values: torch.Tensor, width: int = 16) -> str:
 
 def stats_summary(stats: StatsFile, title: str) -> tuple[dict, Table]:
     """The per-layer table shown by ``stats`` and ``info S.npz``, and the same as a dict."""
+    grad = f"{stats.loss}, {stats.info.get('probes', 1)} probe(s) per batch" if stats.loss else "none (no --grad)"
+    made = (f"checkpoint sha256 {stats.checkpoint[:16]}; data {stats.info.get('data', 'not recorded')}, "
+            f"{stats.samples:,} samples; gradient statistics: {grad}")
     table = Table("layer", "capture", "channels", "positions", *(f"rank@{int(f * 100)}%" for f in LEVELS),
-                  "spectrum (log)", title=title, title_justify="left")
+                  "spectrum (log)", title=title, title_justify="left", caption=made, caption_justify="left")
     rows = []
     for name, s in stats.layers.items():
         values = torch.linalg.eigvalsh(s.moments.covariance).flip(0).clamp_min(0)

@@ -7,6 +7,7 @@ String metadata (flat ``str -> str``, structured values JSON-encoded):
 - ``rankcut.input``: the input contract (shape, mean, std)
 - ``rankcut.edits``: ordered structural edits since the base (see ``edits.py``)
 - ``rankcut.history``: the commands that produced the file
+- ``rankcut.classes`` (optional): the class names the outputs score, in output order (absent: unknown)
 
 Loading builds the architecture on the meta device, replays the edits, checks every tensor's name and
 shape against the file's header, and only then builds it for real and loads strictly. Nothing in the
@@ -30,7 +31,7 @@ from rankcut.model.contract import InputContract
 from rankcut.model.edits import Edit, edit_from_dict, edit_to_dict
 from rankcut.errors import RankcutError, one_line
 from rankcut.files.fileio import atomic_write, require_file
-from rankcut.files.weights import mismatches
+from rankcut.files.weights import is_torch_save_file, mismatches
 
 FORMAT = "rankcut/1"
 _MAX_HEADER_TEXT = 16 << 20
@@ -45,6 +46,10 @@ class CheckpointMeta:
     input: InputContract
     edits: tuple[Edit, ...] = ()
     history: tuple[dict, ...] = field(default_factory=tuple)
+    classes: tuple[str, ...] | None = None  # class names in output order; None: not recorded
+
+    def with_classes(self, classes: tuple[str, ...]) -> "CheckpointMeta":
+        return replace(self, classes=tuple(classes))
 
     def with_edits(self, *edits: Edit) -> "CheckpointMeta":
         return replace(self, edits=self.edits + tuple(edits))
@@ -55,7 +60,7 @@ class CheckpointMeta:
         return replace(self, history=self.history + (entry,))
 
     def to_metadata(self) -> dict[str, str]:
-        return {
+        md = {
             "rankcut.format": FORMAT,
             "rankcut.arch": self.arch,
             "rankcut.arch_kwargs": json.dumps(self.arch_kwargs, sort_keys=True),
@@ -63,6 +68,9 @@ class CheckpointMeta:
             "rankcut.edits": json.dumps([edit_to_dict(e) for e in self.edits]),
             "rankcut.history": json.dumps(list(self.history)),
         }
+        if self.classes is not None:
+            md["rankcut.classes"] = json.dumps(list(self.classes))
+        return md
 
     @classmethod
     def from_metadata(cls, md: dict[str, str] | None, path: str) -> "CheckpointMeta":
@@ -78,6 +86,7 @@ class CheckpointMeta:
             contract = InputContract.from_dict(json.loads(md["rankcut.input"]))
             edits = tuple(edit_from_dict(e) for e in _json_list(md["rankcut.edits"]))
             history = tuple(_json_list(md.get("rankcut.history", "[]")))
+            classes = None if "rankcut.classes" not in md else tuple(_json_list(md["rankcut.classes"]))
             arch = md["rankcut.arch"]
         except (KeyError, ValueError, TypeError, RecursionError) as e:
             # RecursionError: a hostile header can nest JSON arrays millions deep.
@@ -87,7 +96,9 @@ class CheckpointMeta:
             raise RankcutError(f"{path} has damaged rankcut metadata (arch_kwargs is not an object)")
         if not all(isinstance(h, dict) for h in history):
             raise RankcutError(f"{path} has damaged rankcut metadata (history entries must be objects)")
-        return cls(arch, kwargs, contract, edits, history)
+        if classes is not None and not all(isinstance(c, str) for c in classes):
+            raise RankcutError(f"{path} has damaged rankcut metadata (class names must be strings)")
+        return cls(arch, kwargs, contract, edits, history, classes)
 
 
 def _json_list(text: str) -> list:
@@ -116,6 +127,9 @@ def _header(path: str) -> tuple[dict[str, str] | None, dict[str, tuple[int, ...]
                 shapes[key] = tuple(sl.get_shape())
                 dtypes[key] = sl.get_dtype()
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if is_torch_save_file(path):
+            raise RankcutError(f"{path} is a PyTorch torch.save file, not a rankcut checkpoint; make one from its "
+                               f"weights with: rankcut init --arch ARCH --weights {path} -o OUT.safetensors") from None
         raise RankcutError(f"{path} is not a readable safetensors file ({one_line(str(e))[:200]})") from None
     if md is not None and sum(len(v) for v in md.values()) > _MAX_HEADER_TEXT:
         raise RankcutError(f"{path} has implausibly large metadata")

@@ -142,9 +142,14 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output(output: str | os.PathLike, inputs: list[str | os.PathLike | None], force: bool) -> None:
-    """Refuse to overwrite one of the command's own inputs unless ``--force`` was given."""
+    """Refuse, before any work, an output that cannot be written or would overwrite an input without --force."""
     if Path(output).is_dir():
         raise RankcutError(f"output {output} is a folder; give a file name")
+    folder = Path(output).parent
+    if not folder.is_dir():
+        raise RankcutError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RankcutError(f"output folder is not writable: {folder}")
     for item in inputs:
         if item is not None and not force and _same_file(Path(item), Path(output)):
             raise RankcutError(f"output {output} is also an input; pass --force to overwrite it")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,14 +27,43 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for bad or unsafe pickles
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise RankcutError(f"cannot read weights from {path} with weights_only=True: {first}") from None
+        raise RankcutError(_unreadable(path, str(e)) or f"cannot read weights from {path}: {type(e).__name__}") from None
     for key in _NESTED:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise RankcutError(f"{path} does not hold a state dict of tensors")
     return obj
+
+
+_PICKLED_CLASS = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _unreadable(path: Path, message: str) -> str | None:
+    """One line for a file ``torch.load(weights_only=True)`` refused; a pickled object gets advice."""
+    found = _PICKLED_CLASS.search(message)
+    if found:
+        return (f"{path} holds a pickled {found.group(1)} object (a whole model saved with torch.save(model)?), "
+                "not a state dict; rankcut reads weights with weights_only=True and will not unpickle it, since "
+                "unpickling runs code from the file. "
+                "Where the model is defined, save its weights with torch.save(model.state_dict(), 'weights.pth') "
+                "and pass that file")
+    first = next((line.strip() for line in _ANSI.sub("", message).splitlines() if line.strip()), "")
+    return f"cannot read weights from {path} with weights_only=True: {first[:200]}" if first else None
+
+
+def is_torch_save_file(path: str | Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` file: a zip archive holding ``data.pkl``, or a raw pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK":
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")  # pickle protocols 2-5
 
 
 def _strip(key: str) -> str:

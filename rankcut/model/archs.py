@@ -13,6 +13,7 @@ Three kinds of name, each with JSON-able keyword arguments:
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -108,10 +109,36 @@ def default_input(arch: str, kwargs: dict) -> InputContract:
         contract = BUILTINS[name].input
         channels = int(kwargs.get("in_channels", contract.shape[0]))
         if channels != contract.shape[0]:
-            return InputContract((channels, *contract.shape[1:]), contract.mean[:1] * channels,
-                                 contract.std[:1] * channels)
+            return InputContract((channels, *contract.shape[1:]), *generic_normalisation(channels))
         return contract
     return InputContract((3, 224, 224), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def own_normalisation(arch: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The mean/std an architecture is known to be trained with at ``channels`` input channels, if any."""
+    prefix, _, name = arch.partition(":")
+    if prefix == "rankcut" and name in BUILTINS and BUILTINS[name].input.shape[0] == channels:
+        return BUILTINS[name].input.mean, BUILTINS[name].input.std
+    if prefix == "torchvision" and channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return None
+
+
+def generic_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std when the architecture has none of its own: ImageNet's for RGB, their average per channel else."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (round(sum(IMAGENET_MEAN) / 3, 4),) * channels, (round(sum(IMAGENET_STD) / 3, 4),) * channels
+
+
+def with_input_channels(arch: str, kwargs: dict, channels: int) -> dict:
+    """``kwargs`` with ``in_channels`` set from the input shape, for a built-in that takes it and was not told."""
+    prefix, _, name = arch.partition(":")
+    if prefix != "rankcut" or name not in BUILTINS or "in_channels" in kwargs:
+        return kwargs
+    if "in_channels" not in inspect.signature(BUILTINS[name].build).parameters:
+        return kwargs
+    return kwargs if channels == BUILTINS[name].input.shape[0] else {**kwargs, "in_channels": channels}
 
 
 def _trusted_packages() -> set[str]:

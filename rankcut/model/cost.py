@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from rankcut.errors import RankcutError
 from rankcut.model.contract import InputContract
@@ -25,7 +24,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _counted(model: nn.Module, x_factory) -> FlopCounterMode:
+def _counted(model: nn.Module, x_factory):
+    """A ``FlopCounterMode`` that watched one forward pass of ``model`` on ``x_factory()``."""
+    # Imported here: the module pulls in triton (and the mode, on first use, torch._dynamo), about a second
+    # that commands which never count MACs (stats, finetune, --help) need not pay.
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
     with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x_factory())
     return counter

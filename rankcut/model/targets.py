@@ -10,13 +10,14 @@ needed. The layer whose output is the network's output is not a default target.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from rankcut.errors import RankcutError, RankcutWarning
 from rankcut.model.contract import InputContract
-from rankcut.errors import RankcutError
 from rankcut.model.forward import probe
 from rankcut.model.layers import LowRank, is_target_type, out_width
 
@@ -109,7 +110,16 @@ def select(model: nn.Module, contract: InputContract, layers: list[str] | None =
     found, final = trace(model, contract)
     by_name = {t.name: t for t in found}
     names = match(list(by_name), layers, exclude, "target layer", {final} if final else set())
-    return [by_name[n] for n in names]
+    chosen = [by_name[n] for n in names]
+    warn_output_layer(chosen, final)
+    return chosen
+
+
+def warn_output_layer(chosen: list[Target], final: str | None) -> None:
+    """Say so when the layer producing the model's output (its logits) is among the targets."""
+    if final is not None and any(t.name == final for t in chosen):
+        warnings.warn(f"{final} is the output layer: cutting it changes the logits themselves (usually the costliest "
+                      f"cut); leave it out unless you mean it", RankcutWarning)
 
 
 def _preview(names: list[str]) -> str:

@@ -11,8 +11,8 @@ Specs (DESIGN §7):
   within each class the first 400 are train and the last 100 are test;
 - ``synthetic[:N]``: N seeded random images (default 256) for smoke and speed runs.
 
-Images are scaled to [0, 1], fitted to the contract (grayscale repeated to 3 channels, resized to H x W)
-and normalised with its mean/std.
+Images are scaled to [0, 1], fitted to the contract by the rule of ``fitting.py`` (grayscale <-> RGB,
+resizing; each source warns once saying what it does) and normalised with its mean/std.
 """
 
 from __future__ import annotations
@@ -28,34 +28,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from rankcut.model.contract import InputContract
 from rankcut.errors import RankcutError
+from rankcut.run.fitting import announce, announce_tensor, fit_to_contract
 
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 UNLABELED = -1
 MAX_TENSOR_FILE_ITEMS = 1 << 32
 
 
-def fit_to_contract(x: torch.Tensor, contract: InputContract) -> torch.Tensor:
-    """Fit one image (C,H,W, float in [0,1]) to the contract: channels, size, then normalisation."""
-    channels, height, width = contract.shape
-    if x.dim() != 3:
-        raise RankcutError(f"images must be C,H,W; got shape {tuple(x.shape)}")
-    if x.shape[0] != channels:
-        if x.shape[0] == 1:
-            x = x.expand(channels, -1, -1)
-        else:
-            raise RankcutError(f"the data has {x.shape[0]}-channel images but the model takes {channels} channels")
-    if x.shape[1:] != (height, width):
-        x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bilinear",
-                                            antialias=True, align_corners=False)[0]
-    mean = torch.tensor(contract.mean, dtype=x.dtype).view(-1, 1, 1)
-    std = torch.tensor(contract.std, dtype=x.dtype).view(-1, 1, 1)
-    return (x - mean) / std
-
-
 class TensorImages(Dataset):
     """Images held as one tensor (uint8 0..255 or float 0..1), fitted to the contract per item."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, contract: InputContract):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, contract: InputContract, source: str = "x"):
         if x.dim() == 3:
             x = x[:, None]
         if x.dim() != 4:
@@ -69,7 +52,7 @@ class TensorImages(Dataset):
         self.x, self.y, self.contract = x, y.long(), contract
         if len(x):
             try:
-                fit_to_contract(self._scaled(0), contract)  # fail now, not in a worker, if the shape cannot fit
+                announce_tensor(source, tuple(x.shape[1:]), contract)  # fail now, not in a worker
             except RankcutError as e:
                 hint = ""
                 if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
@@ -117,6 +100,20 @@ class Synthetic(Dataset):
         return fit_to_contract(x, self.contract), y
 
 
+class _ResizeCrop:
+    """Evaluation-time sizing: an image of the contract's size is left alone, others are resized and centre-cropped."""
+
+    def __init__(self, height: int, width: int):
+        import torchvision.transforms.v2 as T
+
+        self.size = (height, width)
+        self.steps = T.Compose([T.Resize(round(min(height, width) / 0.875), antialias=True),
+                                T.CenterCrop((height, width))])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image if tuple(image.shape[-2:]) == self.size else self.steps(image)
+
+
 class PILImages(Dataset):
     """A torchvision dataset of PIL images, converted and fitted to the contract."""
 
@@ -125,7 +122,7 @@ class PILImages(Dataset):
 
         h, w = contract.shape[1:]
         steps = [T.RandomResizedCrop((h, w), antialias=True), T.RandomHorizontalFlip()] if augment else [
-            T.Resize(round(min(h, w) / 0.875), antialias=True), T.CenterCrop((h, w))]
+            _ResizeCrop(h, w)]
         self.base, self.contract = base, contract
         self.prepare = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), *steps])
 
@@ -140,11 +137,14 @@ class PILImages(Dataset):
 class SmallPILImages(PILImages):
     """Small-image datasets (MNIST, CIFAR): resized to the contract, never cropped."""
 
-    def __init__(self, base: Dataset, contract: InputContract):
+    def __init__(self, base: Dataset, contract: InputContract, source: str):
         import torchvision.transforms.v2 as T
 
         self.base, self.contract = base, contract
         self.prepare = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
+        if len(base):
+            image = base[0][0]
+            announce_tensor(source, (len(image.getbands()), image.height, image.width), contract)
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,7 +170,7 @@ def mnist5k(split: str, contract: InputContract) -> TensorImages:
         idx = np.flatnonzero(labels == digit)
         chosen.append(idx[:400] if split == "train" else idx[400:500])
     order = np.sort(np.concatenate(chosen))
-    return TensorImages(torch.from_numpy(images[order]), torch.from_numpy(labels[order]), contract)
+    return TensorImages(torch.from_numpy(images[order]), torch.from_numpy(labels[order]), contract, f"mnist5k:{split}")
 
 
 def _tensor_file(path: Path, contract: InputContract) -> TensorImages:
@@ -181,7 +181,7 @@ def _tensor_file(path: Path, contract: InputContract) -> TensorImages:
         raise RankcutError(f"{path} holds no samples (x has shape {tuple(x.shape)})")
     if y is None:
         y = torch.full((len(x),), UNLABELED, dtype=torch.long)
-    return TensorImages(x, y, contract)
+    return TensorImages(x, y, contract, str(path))
 
 
 # Where torchvision looks under the folder given as its ``root``, to say so when the files are not there.
@@ -206,7 +206,7 @@ def _torchvision_set(kind: str, rest: str, contract: InputContract) -> Dataset:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise RankcutError(f"{kind}: cannot read {name} under {folder} (torchvision expects "
                            f"{folder}/{_TORCHVISION_LAYOUT[name]}; this tool never downloads): {first}") from None
-    dataset = SmallPILImages(base, contract)
+    dataset = SmallPILImages(base, contract, f"{kind}:{rest}")
     _check_first(dataset)
     return dataset
 
@@ -229,7 +229,27 @@ def _open_image(path: str, mode: str):
 _UNREADABLE = "cannot read image "
 
 
-def _image_folder(path: Path, contract: InputContract, augment: bool) -> Dataset:
+def _by_name(base, classes: tuple[str, ...], path: Path) -> None:
+    """Label a folder's images by the model's class names (a folder may hold only some of the classes)."""
+    unknown = [c for c in base.classes if c not in classes]
+    if unknown:
+        raise RankcutError(f"{path} has class folder(s) {', '.join(unknown[:5])} that the model does not score; "
+                           f"its classes are {', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''}")
+    index = {c: classes.index(c) for c in base.classes}
+    base.samples = base.imgs = [(file, index[base.classes[t]]) for file, t in base.samples]
+    base.targets = [t for _, t in base.samples]
+    base.class_to_idx = index
+
+
+def folder_classes(dataset: Dataset) -> tuple[str, ...] | None:
+    """The class folder names of an ImageFolder dataset (through subsets), in folder order; None otherwise."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    base = getattr(dataset, "base", None)
+    return tuple(base.classes) if base is not None and hasattr(base, "imgs") else None
+
+
+def _image_folder(path: Path, contract: InputContract, augment: bool, classes: tuple[str, ...] | None) -> Dataset:
     import torchvision.datasets as tvd
 
     # Read images in the mode the model takes: grayscale for a 1-channel model (torchvision's default
@@ -239,9 +259,28 @@ def _image_folder(path: Path, contract: InputContract, augment: bool) -> Dataset
         base = tvd.ImageFolder(str(path), loader=functools.partial(_open_image, mode=mode))
     except (FileNotFoundError, RuntimeError) as e:
         raise RankcutError(f"{path}: not an ImageFolder tree ({e})") from None
+    if classes is not None:
+        _by_name(base, classes, path)
     dataset = PILImages(base, contract, augment)
     _check_first(dataset)
+    if len(base):
+        _announce_folder(str(path), base.samples[0][0], mode, contract, augment)
     return dataset
+
+
+def _announce_folder(source: str, first: str, mode: str, contract: InputContract, augment: bool) -> None:
+    """Say how a folder's images are fitted, judged by its first image (folders may mix modes and sizes)."""
+    from PIL import Image
+
+    with Image.open(first) as image:
+        have, (width, height) = image.mode, image.size
+    h, w = contract.shape[1:]
+    convert = None if have == mode else f"converted from {have} to {mode}"  # PIL converts any mode
+    size = None
+    if (height, width) != (h, w):
+        size = (f"randomly cropped and resized to {h}x{w} (training augmentation)" if augment else
+                f"resized ({round(min(h, w) / 0.875)} on the short side) and centre-cropped to {h}x{w}")
+    announce(source, f"{have} {width}x{height} (the first image)", [convert, size], contract)
 
 
 def _check_first(dataset: Dataset) -> None:
@@ -260,8 +299,11 @@ def _check_first(dataset: Dataset) -> None:
 
 
 def open_data(spec: str, contract: InputContract, *, train: bool = False, num_classes: int = 10,
-              seed: int = 0) -> Dataset:
-    """The dataset a ``--data`` spec names, yielding ``(image, label)`` fitted to ``contract``."""
+              seed: int = 0, classes: tuple[str, ...] | None = None) -> Dataset:
+    """The dataset a ``--data`` spec names, yielding ``(image, label)`` fitted to ``contract``.
+
+    ``classes``: the model's class names (from its checkpoint); an ImageFolder is then labelled by name.
+    """
     kind, sep, rest = spec.partition(":")
     if kind == "synthetic":
         try:
@@ -272,12 +314,14 @@ def open_data(spec: str, contract: InputContract, *, train: bool = False, num_cl
             raise RankcutError("synthetic needs at least one sample")
         return Synthetic(n, contract, num_classes, seed)
     if kind == "mnist5k":
-        return mnist5k(rest if sep else "train", contract)
+        if not sep:  # no default: the training split would make eval report training accuracy
+            raise RankcutError("say which mnist5k digits: mnist5k:train (4,000) or mnist5k:test (1,000)")
+        return mnist5k(rest, contract)
     if kind in TORCHVISION_SETS and sep:
         return _torchvision_set(kind, rest, contract)
     path = Path(spec)
     if path.is_dir():
-        return _image_folder(path, contract, augment=train)
+        return _image_folder(path, contract, train, classes)
     if path.suffix in (".npz", ".safetensors"):
         if not path.is_file():
             raise RankcutError(f"data file not found: {spec}")

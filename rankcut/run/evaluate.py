@@ -112,10 +112,10 @@ def summarize(sums: torch.Tensor, k: int, with_reference: bool) -> dict:
     def mean(key: str, over: int) -> float | None:
         return s[key] / over if over else None
 
-    out = {"samples": n, "labeled": m, "k": k, "top1": mean("top1", m), "top5": mean("topk", m),
+    out = {"samples": n, "labeled": m, "k": k, "top1": mean("top1", m), "topk": mean("topk", m),
            "loss": mean("ce", m), "nonfinite": int(s["nonfinite"])}
     if with_reference:
-        out["reference"] = {"top1": mean("ref_top1", m), "top5": mean("ref_topk", m), "loss": mean("ref_ce", m)}
+        out["reference"] = {"top1": mean("ref_top1", m), "topk": mean("ref_topk", m), "loss": mean("ref_ce", m)}
         out["agreement"], out["kl"] = mean("agree", n), mean("kl", n)
     return out
 

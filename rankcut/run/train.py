@@ -95,6 +95,12 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * progress))
 
 
+def schedule(cfg: TrainConfig) -> str:
+    """The learning-rate schedule ``lr_at`` follows, in words, with its peak (what --lr sets)."""
+    warmup = f"linear warm-up over the first {100 * cfg.warmup:g}% of steps, then " if cfg.warmup else ""
+    return f"{cfg.optimizer}, lr peak {cfg.lr:g}: {warmup}cosine decay to 0 at the last step"
+
+
 class DistillationLoss:
     """``(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T)``, with each part in the result."""
 

@@ -17,7 +17,7 @@ CPU = ["--device", "cpu"]
 
 def test_latency_is_reported_for_both_models(mnist_ckpt, digits):
     result = rankcut("eval", mnist_ckpt, "--data", digits, "--reference", mnist_ckpt, "--latency", "-b", "4",
-                     "--device", "cpu", "--json")
+                     "--device", "cpu", "--json")["results"][0]
     for figures in (result["latency"], result["reference"]["latency"]):
         assert figures["batch_size"] == 4 and figures["repeats"] >= 5
         assert figures["image_ms"] == pytest.approx(figures["batch_ms"] / 4) and figures["batch_ms"] > 0
@@ -45,8 +45,8 @@ def test_eval_counts_nan_outputs_as_wrong_and_warns(mnist_ckpt, tmp_path):
     result = invoke("eval", blown, "--data", "mnist5k:test", "-n", "50", *CPU, "--json")
     code, out, err = result.exit_code, result.stdout, result.stderr
     assert code == 0, err
-    result = json.loads(out)
-    assert result["nonfinite"] == 50 and result["top1"] == 0.0 and result["top5"] == 0.0
+    result = json.loads(out)["results"][0]
+    assert result["nonfinite"] == 50 and result["top1"] == 0.0 and result["topk"] == 0.0
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "gave NaN or Inf outputs for 50 of 50 samples" in lines[0]
 
@@ -69,7 +69,7 @@ def test_each_result_is_what_the_checkpoint_alone_gives(three, run_cli):
     assert [r["checkpoint"] for r in many["results"]] == [str(half), str(quarter)]
     assert many["reference"]["checkpoint"] == str(base) and many["samples"] == 60 and many["classes"] == 10
     for path, together in zip((half, quarter), many["results"]):
-        alone = run_cli(["eval", path, *DATA, "--reference", base, "--json"]).data
+        alone = run_cli(["eval", path, *DATA, "--reference", base, "--json"]).data["results"][0]
         assert together == alone  # the same batches in the same order: the same sums, exactly
     assert many["results"][1]["macs"] < many["results"][0]["macs"] < many["reference"]["macs"]
 
@@ -100,10 +100,13 @@ def test_one_table_a_row_per_checkpoint(three, run_cli, monkeypatch, tmp_path):
     assert "top-1 agreement" in out and "MACs" in out and "x)" in out
 
 
-def test_single_checkpoint_output_keeps_its_shape(three, run_cli):
+def test_single_checkpoint_output_has_the_same_shape_as_several(three, run_cli):
     base, half, _ = three
     one = run_cli(["eval", half, *DATA, "--reference", base, "--json"]).data
-    assert "results" not in one and one["checkpoint"] == str(half) and "agreement" in one
+    many = run_cli(["eval", half, half, *DATA, "--reference", base, "--json"]).data
+    assert one.keys() == many.keys() and one["version"] == many["version"] == 1
+    assert one["results"] == many["results"][:1] and one["results"][0]["checkpoint"] == str(half)
+    assert "agreement" in one["results"][0] and "top5" not in one["results"][0]
 
 
 def test_mismatched_checkpoints_give_one_line(three, run_cli, tmp_path):

@@ -42,10 +42,10 @@ def test_init_input_contract_options(run_cli, tmp_path):
     assert meta.arch_kwargs == {"in_channels": 3, "width": 4, "num_classes": 100}
     assert meta.input.to_dict() == {"shape": [3, 32, 32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25]}
 
-    # without --mean/--std a 3-channel built-in repeats its 1-channel statistics
+    # without --mean/--std a 3-channel built-in takes ImageNet's statistics (issue 18: not MNIST's repeated)
     out = tmp_path / "d.safetensors"
     run_cli(["init", "-a", "rankcut:small-resnet", "--kwargs", '{"in_channels": 3, "width": 4}', "-o", out])
-    assert read_meta(out).input == archs.InputContract((3, 28, 28), (0.1307,) * 3, (0.3081,) * 3)
+    assert read_meta(out).input == archs.InputContract((3, 28, 28), archs.IMAGENET_MEAN, archs.IMAGENET_STD)
 
 
 def test_help(run_cli):

@@ -62,8 +62,8 @@ def test_bad_data(run_cli, small_files, tmp_path):
         "NaN pixels": ({"x": np.full((4, 1, 28, 28), np.nan, np.float32), "y": np.zeros(4, np.int64)}, "NaN or Inf"),
         "floats 0..255": ({"x": np.full((4, 1, 28, 28), 200.0, np.float32), "y": np.zeros(4, np.int64)}, "must be in 0..1"),
         "normalised floats": ({"x": np.linspace(-2, 2.5, 4 * 784, dtype=np.float32).reshape(4, 1, 28, 28)}, "must be in 0..1"),
-        "wrong channel count": ({"x": np.zeros((4, 3, 28, 28), np.uint8), "y": np.zeros(4, np.int64)},
-                                "3-channel images but the model takes 1"),
+        "wrong channel count": ({"x": np.zeros((4, 4, 28, 28), np.uint8), "y": np.zeros(4, np.int64)},
+                                "4-channel images but the model takes 1"),  # 3 (RGB) is fitted: issue 18
         "N,H,W,C layout": ({"x": np.zeros((4, 28, 28, 3), np.uint8)}, "store it as N,C,H,W"),
         "labels and images differ in count": ({"x": np.zeros((4, 28, 28), np.uint8), "y": np.zeros(3, np.int64)},
                                               "x has 4 samples but y has 3 labels"),

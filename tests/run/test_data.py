@@ -135,7 +135,8 @@ def test_mnist5k_splits():
     assert len(train) == 4000 and len(test) == 1000
     assert torch.bincount(train.y).tolist() == [400] * 10
     assert torch.bincount(test.y).tolist() == [100] * 10
-    assert len(open_data("mnist5k", MNIST)) == 4000
+    with pytest.raises(RankcutError, match=r"say which mnist5k digits: mnist5k:train \(4,000\) or mnist5k:test"):
+        open_data("mnist5k", MNIST)  # issue 18: no silent default split
     x, y = next(iter(loader(test, 64)))
     assert x.shape == (64, 1, 28, 28) and 0 <= y.min() and y.max() <= 9
     # the two splits are disjoint: no test image appears in train
@@ -206,8 +207,8 @@ def test_channels_that_cannot_fit(tmp_path):
     path = write_tensors(tmp_path / "two.safetensors", torch.rand(4, 2, 28, 28))
     with pytest.raises(RankcutError, match="2-channel images but the model takes 3 channels"):
         open_data(path, SMALL_RESNET_RGB)
-    path = write_tensors(tmp_path / "rgb.safetensors", torch.rand(4, 3, 28, 28))
-    with pytest.raises(RankcutError, match="3-channel images but the model takes 1 channels"):
+    path = write_tensors(tmp_path / "rgba.safetensors", torch.rand(4, 4, 28, 28))  # RGB -> gray is fitted now
+    with pytest.raises(RankcutError, match="4-channel images but the model takes 1 channels"):
         open_data(path, MNIST)
 
 

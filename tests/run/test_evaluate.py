@@ -16,11 +16,11 @@ from rankcut.run.evaluate import SUMS, batch_sums, summarize
 
 
 def test_accuracy_top5_and_cross_entropy_match_a_hand_computation(mnist_ckpt, digits):
-    result = rankcut("eval", mnist_ckpt, "--data", digits, "--device", "cpu", "-b", "7", "--json")
+    result = rankcut("eval", mnist_ckpt, "--data", digits, "--device", "cpu", "-b", "7", "--json")["results"][0]
     y = np.load(digits)["y"]
     ce = -log_softmax(logits_of(mnist_ckpt, str(digits)))[np.arange(40), y].mean()
     assert (result["samples"], result["labeled"], result["k"], result["classes"]) == (40, 40, 5, 10)
-    assert result["top1"] == pytest.approx(0.1) and result["top5"] == pytest.approx(0.5)
+    assert result["top1"] == pytest.approx(0.1) and result["topk"] == pytest.approx(0.5)
     assert result["loss"] == pytest.approx(ce, rel=1e-5)
     assert result["params"] == 1_199_882 and result["macs"] == 11_992_448
     assert "reference" not in result and "latency" not in result
@@ -32,7 +32,7 @@ def test_reference_agreement_kl_and_ratios_match_a_hand_computation(mnist_ckpt, 
     set_module(model, "fc1", project_layer(get_module(model, "fc1"), basis, basis.T, torch.zeros(128)))
     small = tmp_path / "small.safetensors"
     save(model, meta.with_edits(LowRankPair("fc1", 6)), small)
-    result = rankcut("eval", small, "--data", digits, "--reference", mnist_ckpt, "--device", "cpu", "--json")
+    result = rankcut("eval", small, "--data", digits, "--reference", mnist_ckpt, "--device", "cpu", "--json")["results"][0]
     p, q = log_softmax(logits_of(mnist_ckpt, str(digits))), log_softmax(logits_of(small, str(digits)))
     assert result["agreement"] == pytest.approx((p.argmax(1) == q.argmax(1)).mean())
     assert result["kl"] == pytest.approx((np.exp(p) * (p - q)).sum(1).mean(), rel=1e-5)
@@ -45,8 +45,8 @@ def test_reference_agreement_kl_and_ratios_match_a_hand_computation(mnist_ckpt, 
 def test_top5_means_top_k_with_fewer_than_five_classes(tmp_path):
     ckpt = tmp_path / "three.safetensors"
     rankcut("init", "--arch", "rankcut:mnist-cnn", "--num-classes", "3", "-o", ckpt)
-    result = rankcut("eval", ckpt, "--data", "synthetic:20", "--device", "cpu", "--json")
-    assert result["k"] == 3 and result["top5"] == 1.0 and result["samples"] == 20
+    result = rankcut("eval", ckpt, "--data", "synthetic:20", "--device", "cpu", "--json")["results"][0]
+    assert result["k"] == 3 and result["topk"] == 1.0 and result["samples"] == 20
 
 
 def test_sums_of_two_halves_equal_the_whole_and_unlabelled_samples_count_only_for_agreement():

@@ -104,7 +104,7 @@ def test_parameter_digest_tells_replicas_apart_by_one_ulp():
 
 @pytest.mark.slow
 def test_one_epoch_from_scratch_reaches_90_percent_on_held_out_digits(trained):
-    result = rankcut("eval", trained, "--data", "mnist5k:test", "--device", "cpu", "--json")
+    result = rankcut("eval", trained, "--data", "mnist5k:test", "--device", "cpu", "--json")["results"][0]
     assert result["samples"] == 1000
     assert result["top1"] >= 0.90, f"top-1 {result['top1']:.3f} after one epoch"
     entry = read_meta(trained).history[-1]
@@ -117,10 +117,10 @@ def test_finetuning_a_projected_checkpoint_recovers_accuracy_and_keeps_its_ranks
     small, tuned = tmp_path / "small.safetensors", tmp_path / "tuned.safetensors"
     before_ranks = svd_project(trained, small, {"conv2": 4, "fc1": 4})
     test = ["--data", "mnist5k:test", "--samples", "500", "--device", "cpu", "--json"]
-    before = rankcut("eval", small, *test)["top1"]
+    before = rankcut("eval", small, *test)["results"][0]["top1"]
     rankcut("finetune", small, "--data", "mnist5k:train", "--samples", "1500", *RECIPE, "--lr", "1e-3",
             "-o", tuned, "--json")
-    after = rankcut("eval", tuned, *test)["top1"]
+    after = rankcut("eval", tuned, *test)["results"][0]["top1"]
     assert after > before + 0.05, f"top-1 {before:.3f} -> {after:.3f}"
     model, meta = load_with_meta(tuned)
     assert ranks(model) == before_ranks == {"conv2": 4, "fc1": 4}
