@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from typing import Annotated, Optional
 
 import typer
@@ -16,7 +15,7 @@ from rankcut.cli.console import Reporter
 from rankcut.run.data import open_data, subset
 from rankcut.errors import RankcutError
 from rankcut.run.evaluate import check_dataset_labels, evaluate_many, output_classes
-from rankcut.run.latency import measure_latency
+from rankcut.run.latency import RUNTIMES, compare_runtime
 from rankcut.model.cost import count_macs, count_params
 from rankcut.cli.options import BatchSize, Data, Device, Json, Quiet, Samples, Seed, Workers
 
@@ -25,27 +24,20 @@ def _cost(model: nn.Module, contract: InputContract) -> dict:
     return {"params": count_params(model), "macs": count_macs(model, contract)[0]}
 
 
-def _latencies(models: list[nn.Module], contract: InputContract, batch_size: int, device, rounds: int = 5) -> list[dict]:
-    """Each model's latency; several are timed in alternating rounds, so load from other processes hits all alike."""
-    rounds = rounds if len(models) > 1 else 1
-    runs: list[list[dict]] = [[] for _ in models]
-    for i in range(rounds):
-        for model, out in zip(models, runs):
-            out.append(measure_latency(model, contract, batch_size, device, warmup=3 if i == 0 else 1,
-                                       min_repeats=5 if rounds == 1 else 1, min_seconds=1.0 / rounds))
-    figures = []
-    for out in runs:
-        batch_ms = statistics.median(r["batch_ms"] for r in out)
-        figures.append({"batch_size": batch_size, "batch_ms": batch_ms, "image_ms": batch_ms / batch_size,
-                        "repeats": sum(r["repeats"] for r in out)})
-    return figures
-
-
 def _fmt(value, kind: str) -> str:
     if value is None:
         return "-"
     return {"pct": f"{100 * value:.2f}%", "num": f"{value:,}", "loss": f"{value:.4f}", "ms": f"{value:.3f}",
             "x": f"{value:.3f}x"}[kind]
+
+
+def _latency_ratio(lat: dict) -> str:
+    """The median per-round latency ratio with its 25-75% quantiles."""
+    return f"{lat['ratio']:.3f}x ({lat['ratio_q25']:.3f}-{lat['ratio_q75']:.3f}; CPU time {lat['cpu_ratio']:.3f}x)"
+
+
+def _latency_label(lat: dict) -> str:
+    return f"ms / batch of {lat['batch_size']} ({lat['runtime']}, {lat['threads']} threads)"
 
 
 def _load_all(checkpoints: list[str], reference: str | None, device) -> tuple[list[nn.Module], nn.Module | None, object, int]:
@@ -74,7 +66,12 @@ def evaluate(
     checkpoints: Annotated[list[str], typer.Argument(help="One or more rankcut checkpoints (.safetensors); several are compared in one table.", show_default=False)],
     data: Data,
     reference: Annotated[Optional[str], typer.Option("--reference", "-r", help="Compare with this checkpoint (e.g. the uncompressed base).")] = None,
-    latency: Annotated[bool, typer.Option("--latency", help="Also time inference at --batch-size on --device (median after warm-up).")] = False,
+    latency: Annotated[bool, typer.Option("--latency", help=(
+        "Also time inference at --batch-size on --device: models take turns pass by pass; the ratio to the "
+        "reference (else the first) is the median of pairwise ratios, with their 25-75% quantiles, and the same in "
+        "CPU time (robust to other load with --threads 1)."))] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads while timing (default: as now).")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help=f"Runtime to time with --latency: {', '.join(RUNTIMES)}.")] = "torch",
     samples: Samples = None,
     batch_size: BatchSize = 64,
     workers: Workers = 0,
@@ -101,7 +98,9 @@ def evaluate(
         timed = models + ([ref_model] if ref_model is not None else [])
         costs = [_cost(m, meta.input) for m in timed]
         if latency and ctx.primary:
-            for cost, lat in zip(costs, _latencies(timed, meta.input, batch_size, ctx.device)):
+            lats = compare_runtime(timed, meta.input, batch_size, ctx.device, runtime=runtime, threads=threads,
+                                   reference=len(timed) - 1 if ref_model is not None else 0)
+            for cost, lat in zip(costs, lats):
                 cost["latency"] = lat
         results = []
         for path, result, cost in zip(checkpoints, figures, costs):
@@ -110,7 +109,7 @@ def evaluate(
                 ref = result["reference"] = {**result["reference"], "checkpoint": reference, **costs[-1]}
                 result["ratios"] = {"macs": result["macs"] / ref["macs"], "params": result["params"] / ref["params"]}
                 if "latency" in ref:
-                    result["ratios"]["latency"] = result["latency"]["batch_ms"] / ref["latency"]["batch_ms"]
+                    result["ratios"]["latency"] = result["latency"]["ratio"]
             results.append(result)
     finally:
         dist.teardown(ctx)
@@ -140,10 +139,10 @@ def _table(r: dict) -> Table:
             cells += [_fmt(ref[key], kind), _fmt(ratios.get(key), "x")]
         table.add_row(label, *cells)
     if "latency" in r:
-        for label, key in ((f"ms / batch of {r['latency']['batch_size']}", "batch_ms"), ("ms / image", "image_ms")):
+        for label, key in ((_latency_label(r["latency"]), "batch_ms"), ("ms / image", "image_ms")):
             cells = [_fmt(r["latency"][key], "ms")]
             if ref:
-                cells += [_fmt(ref["latency"][key], "ms"), _fmt(ratios["latency"], "x")]
+                cells += [_fmt(ref["latency"][key], "ms"), _latency_ratio(r["latency"])]
             table.add_row(label, *cells)
     if ref:
         table.add_row("top-1 agreement", _fmt(r["agreement"], "pct"), "", "")
@@ -157,7 +156,7 @@ def _comparison(results: list[dict]) -> Table:
     ref, timed = first.get("reference"), "latency" in first
     columns = ["checkpoint", "top-1", f"top-{first['k']}", "cross-entropy", "params", "MACs"]
     if timed:
-        columns.append(f"ms / batch of {first['latency']['batch_size']}")
+        columns.append(_latency_label(first["latency"]))
     if ref:
         columns += ["top-1 agreement", "KL(ref || model)"]
     table = Table(*columns, title=f"{first['data']}: {first['samples']:,} samples ({first['labeled']:,} labelled), "
@@ -173,7 +172,8 @@ def _comparison(results: list[dict]) -> Table:
         cells = [name, _fmt(r["top1"], "pct"), _fmt(r["top5"], "pct"), _fmt(r["loss"], "loss"),
                  with_ratio(_fmt(r["params"], "num"), "params"), with_ratio(_fmt(r["macs"], "num"), "macs")]
         if timed:
-            cells.append(with_ratio(_fmt(r["latency"]["batch_ms"], "ms"), "latency"))
+            lat = r["latency"]
+            cells.append(f"{_fmt(lat['batch_ms'], 'ms')} ({_latency_ratio(lat)})" if ratios else _fmt(lat["batch_ms"], "ms"))
         return cells
 
     if ref:
