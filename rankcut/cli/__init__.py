@@ -6,7 +6,7 @@ import typer
 
 from rankcut.cli import eval as eval_cmd
 from rankcut.cli import export
-from rankcut.cli import finetune, info, init, project, stats
+from rankcut.cli import finetune, info, init, profile, project, stats
 from rankcut.cli.errors import one_line_errors
 
 app = typer.Typer(
@@ -19,7 +19,8 @@ app = typer.Typer(
 )
 
 for name, fn in [("init", init.init), ("info", info.info), ("stats", stats.stats), ("project", project.project),
-                 ("finetune", finetune.finetune), ("eval", eval_cmd.evaluate), ("export", export.export)]:
+                 ("finetune", finetune.finetune), ("eval", eval_cmd.evaluate), ("export", export.export),
+                 ("profile", profile.profile)]:
     app.command(name)(one_line_errors(fn))
 
 

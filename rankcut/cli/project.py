@@ -20,6 +20,8 @@ from rankcut.model.cost import count_macs, count_params
 from rankcut.compress.methods import DATA_FREE, METHODS
 from rankcut.compress.project import LayerReport, layer_cost, project_model
 from rankcut.files.statsfile import StatsFile, check_fits, load_stats
+from rankcut.files.profilefile import check_profile, load_profile
+from rankcut.compress.timed import latency_total, never_faster, slower_pairs, timed_options
 from rankcut.model.targets import Target, select
 from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed
 
@@ -44,14 +46,16 @@ def _check_stats(stats: StatsFile, checkpoint: str, stats_path: str) -> None:
                            f"not {checkpoint} ({digest[:12]}); rerun rankcut stats on {checkpoint}")
 
 
-def _budget(keep: float | None, macs: float | None, params: float | None) -> tuple[str, float] | None:
+def _budget(keep: float | None, macs: float | None, params: float | None,
+            latency: float | None = None) -> tuple[str, float] | None:
     """The global budget asked for, as (kind, fraction), or None for --keep; one-line errors for bad mixes."""
-    if macs is not None and params is not None:
-        raise RankcutError("give one budget: --macs or --params, not both")
-    kind, fraction = ("macs", macs) if macs is not None else ("params", params)
+    given = [(k, f) for k, f in (("macs", macs), ("params", params), ("latency", latency)) if f is not None]
+    if len(given) > 1:
+        raise RankcutError("give one budget: --macs, --params or --latency, not several")
+    kind, fraction = given[0] if given else ("macs", None)
     if fraction is None:
         if keep is None:
-            raise RankcutError("say how much to keep: --keep F, --macs F or --params F")
+            raise RankcutError("say how much to keep: --keep F, --macs F, --params F or --latency F")
         return None
     if keep is not None:
         raise RankcutError(f"--keep and --{kind} are alternatives: give one")
@@ -108,6 +112,11 @@ def project(
         "discarded weight-energy fraction; l1: discarded L1-mass fraction (random predicts none)."))] = None,
     params: Annotated[Optional[float], typer.Option("--params", help=(
         "Like --macs, for the fraction of the input's total parameters."))] = None,
+    latency: Annotated[Optional[float], typer.Option("--latency", help=(
+        "Like --macs, for the fraction of the whole model's latency measured by --profile."))] = None,
+    profile_path: Annotated[Optional[str], typer.Option("--profile", help=(
+        "A latency profile of this checkpoint (rankcut profile): with it, no layer is replaced by a pair it "
+        "measured as no faster, in every mode; --latency needs it."))] = None,
     layers: Layers = None,
     exclude: Exclude = None,
     damping: Annotated[float, typer.Option("--damping", help="fisher: damping of G, relative to its mean eigenvalue.")] = 1e-3,
@@ -125,14 +134,19 @@ def project(
     report = Reporter(quiet, json_out)
     if method not in METHODS:
         raise RankcutError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    budget = _budget(keep, macs, params)
+    budget = _budget(keep, macs, params, latency)
     if keep is not None and not 0 < keep <= 1:
         raise RankcutError(f"--keep must be in (0, 1], got {keep}")
     if budget is not None and method == "random":
         raise RankcutError(NO_LOSS)
     if damping < 0:
         raise RankcutError("--damping must be non-negative")
-    check_output(output, [checkpoint, stats_path], force)
+    check_output(output, [checkpoint, stats_path, profile_path], force)
+    timing = None if profile_path is None else load_profile(profile_path)
+    if timing is not None:
+        check_profile(timing, checkpoint, profile_path)
+    elif latency is not None:
+        raise RankcutError(f"--latency needs --profile P.json (make one with: rankcut profile {checkpoint} -o P.json)")
     model, meta = load_with_meta(checkpoint)
     if stats_path is None and method not in DATA_FREE:
         raise RankcutError(f"--method {method} needs --stats (make them with: rankcut stats {checkpoint} --data D -o S.npz)")
@@ -146,27 +160,35 @@ def project(
     macs_before, per_before = count_macs(model, meta.input)
     params_before = count_params(model)
     costs_before = {t.name: layer_cost(model, t.name, per_before) for t in targets}
-    plan, chosen = None, targets
+    plan, chosen, slower = None, targets, {}
     if budget is None:
         ranks = ranks_from_keep(model, [t.name for t in targets], keep)
+        if timing is not None:
+            slower = slower_pairs(timing, model, ranks)
+            chosen = [t for t in targets if t.name not in slower]
     else:
         kind, fraction = budget
-        plan = plan_budget(model, targets, layer_stats, method, kind, fraction,
-                           macs_before if kind == "macs" else params_before, per_before, damping=damping, seed=seed)
+        total = {"macs": macs_before, "params": params_before}.get(kind) or latency_total(timing, [t.name for t in targets])
+        plan = plan_budget(model, targets, layer_stats, method, kind, fraction, total, per_before, damping=damping,
+                           seed=seed, adjust=None if timing is None else timed_options(timing))
         ranks = plan.ranks
         chosen = [t for t in targets if ranks[t.name] < current_rank(get_module(model, t.name))]
     with torch.no_grad():
         edits, reports = project_model(model, chosen, layer_stats, method, ranks, damping=damping, seed=seed,
                                        bases=None if plan is None else plan.bases)
-    if plan is not None:
+    if plan is not None or slower:
         reports = _budget_reports(reports, model, targets)
+    if timing is not None:  # with a profile, say which layers stayed whole because a pair would be slower
+        reasons = {**never_faster(timing, [r.layer for r in reports if r.new_rank == r.old_rank]), **slower}
+        for r in reports:
+            r.status = reasons.get(r.layer, r.status) if r.new_rank == r.old_rank else r.status
     macs_after, per_after = count_macs(model, meta.input)
     for r in reports:
         (r.macs_before, r.params_before), (r.macs_after, r.params_after) = costs_before[r.layer], layer_cost(model, r.layer, per_after)
     params_after = count_params(model)
     budget_info = None
     if plan is not None:
-        achieved = macs_after if plan.kind == "macs" else params_after
+        achieved = {"macs": macs_after, "params": params_after}.get(plan.kind) or plan.total  # latency: profile's model
         if achieved > plan.budget:  # the cost model is exact; this guards the promise, not the arithmetic
             raise RankcutError(f"internal error: the projected model has {achieved:,} {plan.kind}, over the budget "
                                f"{plan.budget:,} (predicted {plan.total:,}); nothing written")
@@ -179,6 +201,7 @@ def project(
         report.warn("no layer changed: at these ranks no pair would save MACs")
     history = {"method": method, **({"keep": keep} if plan is None else {plan.kind: plan.fraction}),
                "stats": None if stats_path is None else file_digest(stats_path)[:16],
+               **({} if profile_path is None else {"profile": file_digest(profile_path)[:16]}),
                "layers": sum(r.status == "projected" for r in reports)}
     save(model, meta.with_edits(*edits).with_history("project", **history), output)
     totals = {"macs_before": macs_before, "macs_after": macs_after, "macs_ratio": macs_after / macs_before,

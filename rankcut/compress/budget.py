@@ -35,7 +35,7 @@ from rankcut.compress.project import layer_basis
 from rankcut.files.statsfile import LayerStats
 from rankcut.model.targets import Target
 
-KINDS = ("macs", "params")
+KINDS = ("macs", "params", "latency")  # latency: measured, from a profile (compress/timed.py)
 RAW_LOSS = {"fisher", "hessian"}
 FRACTION_UNITS = {"pca": "variance fraction", "svd": "weight energy fraction", "l1": "L1 mass fraction"}
 NO_LOSS = ("--method random predicts no loss, so it cannot share a budget: use --keep, or a method with a "
@@ -140,9 +140,10 @@ class LayerOptions:
     macs: np.ndarray
     params: np.ndarray
     loss: np.ndarray
+    latency: np.ndarray | None = None  # nanoseconds measured by a profile, when there is one
 
     def cost(self, kind: str) -> np.ndarray:
-        return self.macs if kind == "macs" else self.params
+        return {"macs": self.macs, "params": self.params, "latency": self.latency}[kind]
 
 
 def layer_options(model: nn.Module, target: Target, per_layer_macs: dict[str, int], loss: np.ndarray) -> LayerOptions:
@@ -351,11 +352,13 @@ def _shortfall_note(layers: list[LayerOptions], costs: list[np.ndarray], choice:
 
 
 def plan_budget(model: nn.Module, targets: list[Target], stats: dict[str, LayerStats], method: str, kind: str,
-                fraction: float, total_before: int, per_layer_macs: dict[str, int], **options) -> Allocation:
+                fraction: float, total_before: int, per_layer_macs: dict[str, int], adjust=None,
+                **options) -> Allocation:
     """Choose every target's rank so the model costs at most ``fraction`` of ``total_before`` (``--macs``/``--params``).
 
     ``total_before`` is the model's MACs or parameters (by ``kind``), ``per_layer_macs`` the per-leaf table
-    of ``measure.count_macs``. ``options`` go to the method (``damping``, ``seed``).
+    of ``measure.count_macs``. ``options`` go to the method (``damping``, ``seed``). ``adjust`` (LayerOptions ->
+    LayerOptions) may drop options and attach latency costs (``compress.timed.timed_options``).
     """
     if kind not in KINDS:
         raise RankcutError(f"unknown budget kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -369,6 +372,8 @@ def plan_budget(model: nn.Module, targets: list[Target], stats: dict[str, LayerS
     for t in targets:
         bases[t.name] = basis_for(model, t, stats.get(t.name), method, **options)
         layers.append(layer_options(model, t, per_layer_macs, comparable_loss(method, bases[t.name])))
+        if adjust is not None:
+            layers[-1] = adjust(layers[-1])
     whole = sum(int(o.cost(kind)[-1]) for o in layers)
     fixed = total_before - whole
     budget = math.floor(fraction * total_before)
