@@ -83,3 +83,14 @@ def test_eval_latency_reports_interval_threads_and_rounds(mnist_ckpt):
     assert ref["ratio"] == 1.0 and result["ratios"]["latency"] == lat["ratio"]
     assert lat["ratio_q25"] <= lat["ratio"] <= lat["ratio_q75"] and lat["rounds"] >= 10
     assert 0.5 < lat["ratio"] < 2, f"the same model twice measured {lat['ratio']:.3f}x"
+
+
+def test_eval_latency_in_onnxruntime(mnist_ckpt, tmp_path):
+    small = tmp_path / "small.safetensors"
+    rankcut("project", mnist_ckpt, "--method", "svd", "--keep", "0.25", "-o", small)
+    result = rankcut("eval", small, "--data", "synthetic:8", "--reference", mnist_ckpt, "--latency", "-b", "8",
+                     "--threads", "1", "--runtime", "onnxruntime", "--device", "cpu", "--json")
+    lat = result["latency"]
+    assert lat["runtime"] == "onnxruntime" and lat["threads"] == 1 and result["reference"]["latency"]["ratio"] == 1.0
+    # rank 0.25 of conv2 and fc1 leaves 0.32x the MACs; in CPU time the graph must be clearly cheaper
+    assert lat["cpu_ratio"] < 0.9, f"the projected graph took {lat['cpu_ratio']:.3f}x the CPU time"
