@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from rankcut.cli.console import Reporter
-from rankcut.cli.options import Checkpoint, Exclude, Json, Layers, Output, Quiet
+from rankcut.cli.options import Checkpoint, Device, Exclude, Json, Layers, Output, Quiet
 from rankcut.dist import resolve_device
 from rankcut.errors import RankcutError
 from rankcut.files.checkpoint import load_with_meta
@@ -23,7 +23,7 @@ def profile(
     checkpoint: Checkpoint,
     output: Output,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch to time at.")] = 1,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda (auto: CUDA when available).")] = "cpu",
+    device: Device = "cpu",
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads while timing (default: as now).")] = None,
     runtime: Annotated[str, typer.Option("--runtime", help=f"Runtime to time: {', '.join(RUNTIMES)}.")] = "torch",
     ranks: Annotated[int, typer.Option("--ranks", help="Ranks timed per layer, spread over those whose pair saves MACs.")] = 8,
