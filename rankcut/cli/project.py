@@ -113,7 +113,7 @@ def project(
     params: Annotated[Optional[float], typer.Option("--params", help=(
         "Like --macs, for the fraction of the input's total parameters."))] = None,
     latency: Annotated[Optional[float], typer.Option("--latency", help=(
-        "Like --macs, for the fraction of the whole model's latency measured by --profile."))] = None,
+        "Like --macs, for the fraction of the whole model's latency measured by --profile (figures in nanoseconds)."))] = None,
     profile_path: Annotated[Optional[str], typer.Option("--profile", help=(
         "A latency profile of this checkpoint (rankcut profile): with it, no layer is replaced by a pair it "
         "measured as no faster, in every mode; --latency needs it."))] = None,
