@@ -1,7 +1,9 @@
 """Measure a model's latency on this machine: whole, and per target as it is and as rank-k pairs at a grid of ranks.
 
 Every leaf module is timed in isolation on its real input (captured with a forward pre-hook on one batch),
-so the parts can be added up and checked against the whole. A target is timed together with the BatchNorm
+so the parts can be added up and checked against the whole (a module called several times in one forward,
+like torchvision's shared ``relu``, is timed once on its first input; functional operations are in the
+whole only). A target is timed together with the BatchNorm
 a projection would fold into it, and beside its candidate pairs in alternating passes (``latency.compare``),
 so each candidate's time is its median pairwise ratio to the layer as it is, times the layer's time.
 """
