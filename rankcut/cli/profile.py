@@ -33,10 +33,10 @@ def profile(
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Time a checkpoint on this machine: the whole model, every other layer alone, and each target as it is and
-    as rank-k pairs, each on its real input; write the profile (JSON) that project --latency/--profile reads.
+    """Time a checkpoint on this machine, whole and per target at a grid of ranks; write a latency profile (JSON).
 
-    The profile records device, threads, runtime, batch size, torch version and the checkpoint's digest,
+    The whole model, every other layer alone, and each target as it is and as rank-k pairs, each on its real
+    input; project --latency/--profile reads the file. The profile records device, threads, runtime, batch size, torch version and the checkpoint's digest,
     and is refused for any other checkpoint. Each layer's pairs are timed alternately with the layer itself.
     """
     report = Reporter(quiet, json_out)
