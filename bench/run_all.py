@@ -44,6 +44,7 @@ BENCHES = [
     Bench("bench_budget.py", ("--archs", "rankcut:mnist-cnn", "--fractions", "0.5", "--methods", "pca",
                               "--samples", "200", "--base-epochs", "1")),
     Bench("bench_memory.py", ("-n", "50", "--no-grad")),
+    Bench("bench_latency.py", ("--archs", "mnist", "--batches", "1", "--runtimes", "torch"), out_flag="--out"),
 ]
 
 
