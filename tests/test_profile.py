@@ -105,7 +105,7 @@ def test_stale_or_bad_profiles_are_one_line(mnist_ckpt, tmp_path):
     assert "measured on another checkpoint" in message
     assert "--latency needs --profile" in rankcut("project", mnist_ckpt, "--method", "svd", "--latency", "0.5",
                                                   "-o", out, fails=True)
-    assert "not several" in rankcut("project", mnist_ckpt, "--method", "svd", "--latency", "0.5", "--macs", "0.5",
+    assert "--macs or --latency, not both" in rankcut("project", mnist_ckpt, "--method", "svd", "--latency", "0.5", "--macs", "0.5",
                                     "--profile", hand, "-o", out, fails=True)
     bad = tmp_path / "bad.json"
     for text in ("{", "[]", json.dumps({"format": FORMAT}), json.dumps({**json.loads(open(hand).read()), "whole_ms": -1})):

@@ -51,7 +51,8 @@ def _budget(keep: float | None, macs: float | None, params: float | None,
     """The global budget asked for, as (kind, fraction), or None for --keep; one-line errors for bad mixes."""
     given = [(k, f) for k, f in (("macs", macs), ("params", params), ("latency", latency)) if f is not None]
     if len(given) > 1:
-        raise RankcutError("give one budget: --macs, --params or --latency, not several")
+        names = " or ".join(f"--{k}" for k, _ in given)
+        raise RankcutError(f"give one budget: {names}, not {'both' if len(given) == 2 else 'several'}")
     kind, fraction = given[0] if given else ("macs", None)
     if fraction is None:
         if keep is None:
