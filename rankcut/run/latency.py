@@ -87,7 +87,7 @@ class Timing:
 
 
 def compare(runners: list[Runner], *, reference: int = 0, rounds: int = 40, warmup: int = 3,
-            round_seconds: float = 0.05, max_passes: int = 20, max_seconds: float = 60.0,
+            round_seconds: float = 0.05, max_passes: int = 20, max_seconds: float = 20.0,
             min_rounds: int = 10) -> list[Timing]:
     """Time ``runners`` in alternating rounds; per model the median time and the median ratio to ``reference``.
 
