@@ -45,6 +45,7 @@ BENCHES = [
                               "--samples", "200", "--base-epochs", "1")),
     Bench("bench_memory.py", ("-n", "50", "--no-grad")),
     Bench("bench_startup.py", ("--rounds", "1")),
+    Bench("bench_latency.py", ("--archs", "mnist", "--batches", "1", "--runtimes", "torch"), out_flag="--out"),
 ]
 
 

@@ -21,7 +21,9 @@ from rankcut import dist
 from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budget, ranks_from_keep
 from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
 from rankcut.compress.project import LayerReport, project_model
+from rankcut.compress.timed import latency_total, never_faster, slower_pairs, timed_options
 from rankcut.errors import RankcutError
+from rankcut.files.profilefile import Profile
 from rankcut.files.statsfile import StatsFile, check_fits
 from rankcut.model.contract import InputContract
 from rankcut.model.cost import count_macs, count_params, target_cost
@@ -30,7 +32,7 @@ from rankcut.model.layers import LowRank, current_rank, max_rank
 from rankcut.model.targets import Target, match, select, trace, warn_output_layer
 from rankcut.run.data import loader, shard
 from rankcut.run.evaluate import evaluate_many
-from rankcut.run.latency import alternating_latencies
+from rankcut.run.latency import RUNTIMES, compare_runtime
 from rankcut.stats.collect import LOSSES, collect_gradients, collect_moments
 from rankcut.stats.moments import LayerStats
 
@@ -132,7 +134,7 @@ class ProjectConfig:
     def __post_init__(self):
         method = get_method(self.method)
         if self.keep is None and self.budget is None:
-            raise RankcutError("say how much to keep: --keep F, --macs F or --params F")
+            raise RankcutError("say how much to keep: --keep F, --macs F, --params F or --latency F")
         if self.keep is not None and self.budget is not None:
             raise RankcutError(f"--keep and --{self.budget.kind} are alternatives: give one")
         if self.keep is not None and not 0 < self.keep <= 1:
@@ -195,30 +197,45 @@ def project_targets(model: nn.Module, contract: InputContract, stats: StatsFile 
 
 
 def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, config: ProjectConfig,
-            where: str = "the statistics") -> ProjectResult:
-    """Rank-reduce ``model`` in place as ``config`` says; ``where`` names the statistics in error messages."""
+            where: str = "the statistics", *, profile: Profile | None = None) -> ProjectResult:
+    """Rank-reduce ``model`` in place as ``config`` says; ``where`` names the statistics in error messages.
+
+    With a latency ``profile`` of this model (``rankcut profile``), no layer becomes a pair the profile measured
+    as no faster than the layer, whatever the budget; a ``latency`` budget needs one.
+    """
     method = config.entry
     if stats is None:
         method.check_stats(None)
+    if profile is None and config.budget is not None and config.budget.kind == "latency":
+        raise RankcutError("a --latency budget needs a latency profile of the checkpoint (rankcut profile)")
     targets = project_targets(model, contract, stats, config, where)
     layer_stats = {} if stats is None else stats.layers
     macs_before, per_before = count_macs(model, contract)
     params_before = count_params(model)
     costs_before = {t.name: target_cost(model, t.name, per_before) for t in targets}
-    plan, chosen = None, targets
+    plan, chosen, slower = None, targets, {}
     if config.budget is None:
         ranks = ranks_from_keep(model, [t.name for t in targets], config.keep)
+        if profile is not None:
+            slower = slower_pairs(profile, model, ranks)
+            chosen = [t for t in targets if t.name not in slower]
     else:
-        total = macs_before if config.budget.kind == "macs" else params_before
-        plan = plan_budget(model, targets, layer_stats, method, config.budget.kind, config.budget.fraction, total,
-                           per_before, config.options)
+        kind = config.budget.kind
+        total = {"macs": macs_before, "params": params_before}.get(kind) or latency_total(profile, [t.name for t in targets])
+        plan = plan_budget(model, targets, layer_stats, method, kind, config.budget.fraction, total, per_before,
+                           config.options, adjust=None if profile is None else timed_options(profile))
         ranks = plan.ranks
         chosen = [t for t in targets if ranks[t.name] < current_rank(get_module(model, t.name))]
     with torch.no_grad():
         edits, reports = project_model(model, chosen, layer_stats, method, ranks, config.options,
                                        bases=None if plan is None else plan.bases)
-    if plan is not None:
+    if plan is not None or slower:
         reports = _with_unchanged(reports, model, targets)
+    if profile is not None:  # say which layers stayed whole because a pair would be slower
+        reasons = {**never_faster(profile, [r.layer for r in reports if r.new_rank == r.old_rank]), **slower}
+        for r in reports:
+            if r.new_rank == r.old_rank:
+                r.status = reasons.get(r.layer, r.status)
     macs_after, per_after = count_macs(model, contract)
     params_after = count_params(model)
     for r in reports:
@@ -228,8 +245,9 @@ def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, 
               "params_before": params_before, "params_after": params_after,
               "params_ratio": params_after / params_before}
     result = ProjectResult(config, edits, reports, totals, plan)
-    if plan is not None:
-        result.budget = _budget_summary(plan, method, macs_after if plan.kind == "macs" else params_after)
+    if plan is not None:  # a latency budget is met by the profile's cost model: its own prediction
+        achieved = {"macs": macs_after, "params": params_after}.get(plan.kind) or plan.total
+        result.budget = _budget_summary(plan, method, achieved)
     return result
 
 
@@ -263,9 +281,15 @@ class EvalConfig:
     batch_size: int = 64
     workers: int = 0
     latency: bool = False
+    threads: int | None = None  # CPU threads while timing; None: as the process has now
+    runtime: str = "torch"  # what runs the timed passes: torch, or onnxruntime on exported graphs
 
     def __post_init__(self):
         _check_loading(self.batch_size, self.workers)
+        if self.threads is not None and self.threads < 1:
+            raise RankcutError(f"--threads must be at least 1, got {self.threads}")
+        if self.runtime not in RUNTIMES:
+            raise RankcutError(f"unknown runtime {self.runtime!r}; choose from {', '.join(RUNTIMES)}")
 
 
 def evaluate(models: list[nn.Module], contract: InputContract, dataset: Dataset, classes: int, config: EvalConfig,
@@ -273,8 +297,9 @@ def evaluate(models: list[nn.Module], contract: InputContract, dataset: Dataset,
     """Accuracy, loss, size and cost of each model (and latency with ``config.latency``), in one data pass.
 
     With a ``reference``, each entry also has the reference's figures under ``"reference"`` and the
-    ``"ratios"`` of MACs, parameters (and latency) to it. Latencies of several models are timed in
-    alternating rounds, so load from other processes hits them alike.
+    ``"ratios"`` of MACs, parameters (and latency) to it. Latencies are timed pass by pass in turns, and a
+    latency ratio is the median of pairwise ratios to the reference (else the first model), so load from other
+    processes hits all of them alike.
     """
     device = next(models[0].parameters()).device
     ctx = ctx or dist.Context(0, 1, device)
@@ -283,7 +308,9 @@ def evaluate(models: list[nn.Module], contract: InputContract, dataset: Dataset,
     timed = list(models) + ([reference] if reference is not None else [])
     costs = [{"params": count_params(m), "macs": count_macs(m, contract)[0]} for m in timed]
     if config.latency and ctx.primary:
-        for cost, lat in zip(costs, alternating_latencies(timed, contract, config.batch_size, ctx.device)):
+        latencies = compare_runtime(timed, contract, config.batch_size, ctx.device, runtime=config.runtime,
+                                    threads=config.threads, reference=len(timed) - 1 if reference is not None else 0)
+        for cost, lat in zip(costs, latencies):
             cost["latency"] = lat
     results = []
     for result, cost in zip(figures, costs):
@@ -292,6 +319,6 @@ def evaluate(models: list[nn.Module], contract: InputContract, dataset: Dataset,
             ref = result["reference"] = {**result["reference"], **costs[-1]}
             result["ratios"] = {"macs": result["macs"] / ref["macs"], "params": result["params"] / ref["params"]}
             if "latency" in ref:
-                result["ratios"]["latency"] = result["latency"]["batch_ms"] / ref["latency"]["batch_ms"]
+                result["ratios"]["latency"] = result["latency"]["ratio"]
         results.append(result)
     return results

@@ -95,6 +95,8 @@ def test_api_steps_write_what_the_cli_writes(trained, tmp_path, how):
     (lambda: rankcut.StatsConfig(grad="l2"), "--grad must be one of kl, mse"),
     (lambda: rankcut.StatsConfig(probes=0), "--probes must be at least 1"),
     (lambda: rankcut.EvalConfig(batch_size=0), "--batch-size must be at least 1"),
+    (lambda: rankcut.EvalConfig(latency=True, threads=0), "--threads must be at least 1"),
+    (lambda: rankcut.EvalConfig(latency=True, runtime="tvm"), "unknown runtime 'tvm'"),
 ])
 def test_configs_validate_themselves(make, message):
     with pytest.raises(RankcutError, match=re.escape(message)):

@@ -15,6 +15,7 @@ from rankcut.cli.options import BatchSize, Data, Device, Json, Quiet, Samples, S
 from rankcut.files.checkpoint import load_with_meta
 from rankcut.run.data import open_data, subset
 from rankcut.run.evaluate import check_dataset_labels, check_peer, output_classes
+from rankcut.run.latency import RUNTIMES
 
 
 def _fmt(value, kind: str) -> str:
@@ -22,6 +23,15 @@ def _fmt(value, kind: str) -> str:
         return "-"
     return {"pct": f"{100 * value:.2f}%", "num": f"{value:,}", "loss": f"{value:.4f}", "ms": f"{value:.3f}",
             "x": f"{value:.3f}x"}[kind]
+
+
+def _latency_ratio(lat: dict) -> str:
+    """The median per-round latency ratio with its 25-75% quantiles."""
+    return f"{lat['ratio']:.3f}x ({lat['ratio_q25']:.3f}-{lat['ratio_q75']:.3f}; CPU time {lat['cpu_ratio']:.3f}x)"
+
+
+def _latency_label(lat: dict) -> str:
+    return f"ms / batch of {lat['batch_size']} ({lat['runtime']}, {lat['threads']} threads)"
 
 
 def _load_all(checkpoints: list[str], reference: str | None, device) -> tuple[list[nn.Module], nn.Module | None, object, int]:
@@ -42,7 +52,12 @@ def evaluate_command(
     checkpoints: Annotated[list[str], typer.Argument(help="One or more rankcut checkpoints (.safetensors); several are compared in one table.", show_default=False)],
     data: Data,
     reference: Annotated[Optional[str], typer.Option("--reference", "-r", help="Compare with this checkpoint (e.g. the uncompressed base).")] = None,
-    latency: Annotated[bool, typer.Option("--latency", help="Also time inference at --batch-size on --device (median after warm-up).")] = False,
+    latency: Annotated[bool, typer.Option("--latency", help=(
+        "Also time inference at --batch-size on --device: models take turns pass by pass; the ratio to the "
+        "reference (else the first) is the median of pairwise ratios, with their 25-75% quantiles, and the same in "
+        "CPU time (robust to other load with --threads 1)."))] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads while timing (default: as now).")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help=f"Runtime to time with --latency: {', '.join(RUNTIMES)}.")] = "torch",
     samples: Samples = None,
     batch_size: BatchSize = 64,
     workers: Workers = 0,
@@ -58,7 +73,7 @@ def evaluate_command(
     are, each entry what that checkpoint alone gives ("topk": top-k accuracy, k in "k"). Latencies of
     several models are timed in alternating rounds.
     """
-    config = EvalConfig(batch_size=batch_size, workers=workers, latency=latency)
+    config = EvalConfig(batch_size=batch_size, workers=workers, latency=latency, threads=threads, runtime=runtime)
     ctx = dist.setup(device)
     try:
         report = Reporter(quiet, json_out, primary=ctx.primary)
@@ -98,10 +113,10 @@ def _table(r: dict) -> Table:
             cells += [_fmt(ref[key], kind), _fmt(ratios.get(key), "x")]
         table.add_row(label, *cells)
     if "latency" in r:
-        for label, key in ((f"ms / batch of {r['latency']['batch_size']}", "batch_ms"), ("ms / image", "image_ms")):
+        for label, key in ((_latency_label(r["latency"]), "batch_ms"), ("ms / image", "image_ms")):
             cells = [_fmt(r["latency"][key], "ms")]
             if ref:
-                cells += [_fmt(ref["latency"][key], "ms"), _fmt(ratios["latency"], "x")]
+                cells += [_fmt(ref["latency"][key], "ms"), _latency_ratio(r["latency"])]
             table.add_row(label, *cells)
     if ref:
         table.add_row("top-1 agreement", _fmt(r["agreement"], "pct"), "", "")
@@ -115,7 +130,7 @@ def _comparison(results: list[dict]) -> Table:
     ref, timed = first.get("reference"), "latency" in first
     columns = ["checkpoint", "top-1", f"top-{first['k']}", "cross-entropy", "params", "MACs"]
     if timed:
-        columns.append(f"ms / batch of {first['latency']['batch_size']}")
+        columns.append(_latency_label(first["latency"]))
     if ref:
         columns += ["top-1 agreement", "KL(ref || model)"]
     table = Table(*columns, title=f"{first['data']}: {first['samples']:,} samples ({first['labeled']:,} labelled), "
@@ -131,7 +146,8 @@ def _comparison(results: list[dict]) -> Table:
         cells = [name, _fmt(r["top1"], "pct"), _fmt(r["topk"], "pct"), _fmt(r["loss"], "loss"),
                  with_ratio(_fmt(r["params"], "num"), "params"), with_ratio(_fmt(r["macs"], "num"), "macs")]
         if timed:
-            cells.append(with_ratio(_fmt(r["latency"]["batch_ms"], "ms"), "latency"))
+            lat = r["latency"]
+            cells.append(f"{_fmt(lat['batch_ms'], 'ms')} ({_latency_ratio(lat)})" if ratios else _fmt(lat["batch_ms"], "ms"))
         return cells
 
     if ref:

@@ -14,6 +14,7 @@ from rankcut.compress.methods import METHODS
 from rankcut.errors import RankcutError
 from rankcut.files.checkpoint import load_with_meta, save
 from rankcut.files.fileio import check_output, file_digest
+from rankcut.files.profilefile import check_profile, load_profile
 from rankcut.files.statsfile import check_digest, load_stats
 
 METHOD_HELP = "Basis: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + "."
@@ -24,11 +25,12 @@ BUDGET_HELP = ("Global budget instead of --keep: the output keeps at most this f
                    m.name for m in METHODS.values() if not m.budget) + " predicts none).")
 
 
-def _config(method: str, keep: float | None, macs: float | None, params: float | None, **rest) -> ProjectConfig:
-    if macs is not None and params is not None:
-        raise RankcutError("give one budget: --macs or --params, not both")
-    budget = Budget("macs", macs) if macs is not None else Budget("params", params) if params is not None else None
-    return ProjectConfig(method=method, keep=keep, budget=budget, **rest)
+def _config(method: str, keep: float | None, fractions: dict[str, float | None], **rest) -> ProjectConfig:
+    given = [Budget(kind, f) for kind, f in fractions.items() if f is not None]
+    if len(given) > 1:
+        raise RankcutError(f"give one budget: {' or '.join(f'--{b.kind}' for b in given)}, "
+                           f"not {'both' if len(given) == 2 else 'several'}")
+    return ProjectConfig(method=method, keep=keep, budget=given[0] if given else None, **rest)
 
 
 def project(
@@ -39,6 +41,11 @@ def project(
     keep: Annotated[Optional[float], typer.Option("--keep", help="Each layer keeps round(F x current rank), F in (0, 1].")] = None,
     macs: Annotated[Optional[float], typer.Option("--macs", help=BUDGET_HELP)] = None,
     params: Annotated[Optional[float], typer.Option("--params", help="Like --macs, for the fraction of the input's total parameters.")] = None,
+    latency: Annotated[Optional[float], typer.Option("--latency", help=(
+        "Like --macs, for the fraction of the whole model's latency measured by --profile (figures in nanoseconds)."))] = None,
+    profile_path: Annotated[Optional[str], typer.Option("--profile", help=(
+        "A latency profile of this checkpoint (rankcut profile): with it, no layer is replaced by a pair it "
+        "measured as no faster, in every mode; --latency needs it."))] = None,
     layers: Layers = None,
     exclude: Exclude = None,
     damping: Annotated[Optional[float], typer.Option("--damping", help="fisher: damping of G, relative to its mean eigenvalue (default 1e-3).")] = None,
@@ -49,14 +56,16 @@ def project(
 ) -> None:
     """Rank-reduce target layers: fold their BatchNorm, then replace each by k filters plus a 1x1 back up.
 
-    How much to keep: --keep F (every layer the same fraction of its rank), or a global budget, --macs F or
-    --params F (a fraction of the input checkpoint's totals, the whole model counted), spent where the
-    method predicts the least loss per MAC or parameter saved.
+    How much to keep: --keep F (every layer the same fraction of its rank), or a global budget, --macs F,
+    --params F or --latency F (a fraction of the input checkpoint's totals, the whole model counted; latency as
+    measured by --profile), spent where the method predicts the least loss per MAC, parameter or nanosecond saved.
     """
     report = Reporter(quiet, json_out)
-    config = _config(method, keep, macs, params, layers=tuple(layers) if layers else None,
+    config = _config(method, keep, {"macs": macs, "params": params, "latency": latency}, layers=tuple(layers) if layers else None,
                      exclude=tuple(exclude) if exclude else None, damping=damping, seed=seed)
-    check_output(output, [checkpoint, stats_path], force)
+    check_output(output, [checkpoint, stats_path, profile_path], force)
+    if latency is not None and profile_path is None:
+        raise RankcutError(f"--latency needs --profile P.json (make one with: rankcut profile {checkpoint} -o P.json)")
     if stats_path is None and config.entry.needs != "none":
         raise RankcutError(f"--method {method} needs --stats (make them with: rankcut stats {checkpoint} --data D "
                            "-o S.npz)")
@@ -65,12 +74,17 @@ def project(
     if stats_path is not None:
         stats = load_stats(stats_path)
         check_digest(stats, checkpoint, stats_path)
-    result = project_model(model, meta.input, stats, config, where=stats_path or "the statistics")
+    timing = None
+    if profile_path is not None:
+        timing = load_profile(profile_path)
+        check_profile(timing, checkpoint, profile_path)
+    result = project_model(model, meta.input, stats, config, where=stats_path or "the statistics", profile=timing)
     if result.budget and result.budget["note"]:
         report.warn(result.budget["note"])
     if not result.edits:
         report.warn("no layer changed: at these ranks no pair would save MACs")
-    history = {**result.history(), "stats": None if stats_path is None else file_digest(stats_path)[:16]}
+    history = {**result.history(), "stats": None if stats_path is None else file_digest(stats_path)[:16],
+               **({} if profile_path is None else {"profile": file_digest(profile_path)[:16]})}
     save(model, meta.with_edits(*result.edits).with_history("project", **history), output)
     data = {"output": output, **result.to_dict()}
     report.result(data, _table(data["layers"], data["totals"], data["budget"]))

@@ -34,7 +34,7 @@ from rankcut.model.targets import Target
 from rankcut.compress.methods import METHODS, Basis, Method, foldable_bn, get_method, target_basis
 from rankcut.stats.moments import LayerStats
 
-BUDGET_KINDS = ("macs", "params")
+BUDGET_KINDS = ("macs", "params", "latency")  # latency: measured, from a profile (compress/timed.py)
 NEAR = 0.02  # the allocation should land within this fraction below the budget
 
 
@@ -92,9 +92,10 @@ class LayerOptions:
     macs: np.ndarray
     params: np.ndarray
     loss: np.ndarray
+    latency: np.ndarray | None = None  # nanoseconds measured by a profile, when there is one
 
     def cost(self, kind: str) -> np.ndarray:
-        return self.macs if kind == "macs" else self.params
+        return {"macs": self.macs, "params": self.params, "latency": self.latency}[kind]
 
 
 def layer_options(model: nn.Module, target: Target, per_layer_macs: dict[str, int], loss: np.ndarray) -> LayerOptions:
@@ -304,11 +305,13 @@ def _shortfall_note(layers: list[LayerOptions], costs: list[np.ndarray], choice:
 
 def plan_budget(model: nn.Module, targets: list[Target], stats: dict[str, LayerStats], method: Method | str, kind: str,
                 fraction: float, total_before: int, per_layer_macs: dict[str, int],
-                options: dict | None = None) -> Allocation:
+                options: dict | None = None, adjust=None) -> Allocation:
     """Choose every target's rank so the model costs at most ``fraction`` of ``total_before`` (``--macs``/``--params``).
 
     ``total_before`` is the model's MACs or parameters (by ``kind``), ``per_layer_macs`` the per-leaf table
     of ``cost.count_macs``. ``options`` go to the method (``damping``, ``seed``); the caller validated them.
+    ``adjust`` (LayerOptions -> LayerOptions) may drop options and attach latency costs
+    (``compress.timed.timed_options``).
     """
     method = get_method(method)
     if method.budget is None:
@@ -317,6 +320,8 @@ def plan_budget(model: nn.Module, targets: list[Target], stats: dict[str, LayerS
     for t in targets:
         bases[t.name] = target_basis(model, t, stats.get(t.name), method, options)
         layers.append(layer_options(model, t, per_layer_macs, comparable_loss(method, bases[t.name])))
+        if adjust is not None:
+            layers[-1] = adjust(layers[-1])
     whole = sum(int(o.cost(kind)[-1]) for o in layers)
     fixed = total_before - whole
     budget = math.floor(fraction * total_before)
