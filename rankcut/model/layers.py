@@ -38,6 +38,16 @@ def is_target_type(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def channels_last(layer: nn.Module) -> bool:
+    """True when the target's outputs hold channels on the last axis (a linear), False for axis 1 (a conv).
+
+    A linear acts on the last axis whatever the tensor's rank, so every leading axis of its output is a
+    sample position, as the spatial axes are for a conv.
+    """
+    first = layer.down if isinstance(layer, LowRank) else layer
+    return isinstance(first, nn.Linear)
+
+
 def out_width(layer: nn.Module) -> int:
     """Number of output channels (features) of a target layer or pair."""
     return (layer.up if isinstance(layer, LowRank) else layer).weight.shape[0]

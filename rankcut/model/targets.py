@@ -17,7 +17,7 @@ from torch import nn
 
 from rankcut.model.archs import InputContract
 from rankcut.errors import RankcutError
-from rankcut.model.layers import LowRank, is_target_type, out_width
+from rankcut.model.layers import LowRank, channels_last, is_target_type, out_width
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ def trace(model: nn.Module, contract: InputContract) -> tuple[list[Target], str 
     def on_bn(name):
         def hook(_, inputs, __):
             for layer, out in outputs.items():
-                if inputs and inputs[0] is out and bns[name].num_features == out_width(candidates[layer]):
+                # A BatchNorm normalises axis 1: it follows a linear only on (N, C) outputs.
+                if (inputs and inputs[0] is out and bns[name].num_features == out_width(candidates[layer])
+                        and (out.dim() == 2 or not channels_last(candidates[layer]))):
                     follows[layer] = name if layer not in follows else ""
         return hook
 

@@ -3,6 +3,10 @@
 Per layer we keep the sample count, mean and centred scatter matrix (``m2``) of the output channels,
 in float64: exact to merge (parallel-axis formula), so shards, files and processes combine. Memory does
 not grow with the data: only sums are kept, never activations.
+
+Where the channels are is a property of the target's type (``layers.channels_last``): axis 1 for a conv
+(``(N, C, *spatial)``), the last axis for a linear (``(N, *positions, C)``, e.g. channels-last blocks and
+token sequences).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 from rankcut.dist import Context, all_reduce_sum_
 from rankcut.errors import RankcutError
+from rankcut.model.layers import channels_last
 from rankcut.model.targets import Target
 
 
@@ -32,9 +37,12 @@ class Moments:
         return cls(0.0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, channels, dtype=torch.float64))
 
     @classmethod
-    def of(cls, out: torch.Tensor) -> "Moments":
-        """The moments of one layer output (N, C, *spatial): every sample and position is an observation."""
-        acc = ShiftedSums()
+    def of(cls, out: torch.Tensor, last: bool = False) -> "Moments":
+        """The moments of one layer output, (N, C, *spatial) or with ``last`` (N, *positions, C).
+
+        Every sample and position is an observation.
+        """
+        acc = ShiftedSums(last)
         acc.add(out)
         return acc.moments()
 
@@ -66,9 +74,21 @@ class Moments:
         return Moments(total.item(), mean, m2)
 
 
-def _observations(out: torch.Tensor) -> torch.Tensor:
-    """A layer output as (N, C, positions) without copying."""
-    return out.reshape(out.shape[0], out.shape[1], -1)
+def _observations(out: torch.Tensor, last: bool) -> torch.Tensor:
+    """A layer output as (N, C, positions), a view where the layout allows.
+
+    ``last``: channels on the last axis, every other axis after the first a position.
+    """
+    if last:
+        return out.reshape(out.shape[0], -1, out.shape[-1]).transpose(1, 2)
+    return out.reshape(out.shape[0], out.shape[1], -1) if out.dim() > 2 else out[:, :, None]
+
+
+def _rows(out: torch.Tensor, last: bool) -> torch.Tensor:
+    """A layer output as (observations, C, 1): for channels-last outputs every leading position is a row."""
+    if last:
+        return out.reshape(-1, out.shape[-1])[:, :, None]
+    return _observations(out, False)
 
 
 class ShiftedSums:
@@ -79,14 +99,15 @@ class ShiftedSums:
     subtraction, one batched matrix product and one sum over the activations.
     """
 
-    def __init__(self):
+    def __init__(self, last: bool = False):
+        self.last = last
         self.shift: torch.Tensor | None = None
         self.count = 0
         self.first: torch.Tensor | None = None
         self.second: torch.Tensor | None = None
 
     def add(self, out: torch.Tensor) -> None:
-        x = _observations(out[:, :, None] if out.dim() == 2 else out)
+        x = _rows(out, self.last)
         if self.shift is None:
             self.shift = x.mean((0, 2), keepdim=True)
             self.first = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
@@ -130,7 +151,7 @@ def hooks(model: nn.Module, names: dict[str, str], fn) -> Iterator[None]:
 def collect_moments(model: nn.Module, targets: list[Target], batches, ctx: Context,
                     advance=lambda: None) -> dict[str, Moments]:
     """Output moments of every target over all ``batches``, in one forward pass per batch."""
-    acc = {t.name: ShiftedSums() for t in targets}
+    acc = {t.name: ShiftedSums(channels_last(model.get_submodule(t.name))) for t in targets}
 
     def observe(layer, out):
         acc[layer].add(out.detach())
@@ -184,16 +205,17 @@ class GradientSums:
     out of the layer (to second order); ``grad_m2 / grad_count`` is the output-gradient covariance G.
     """
 
-    def __init__(self, mean: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, last: bool = False):
         c = len(mean)
         self.mean = mean
+        self.last = last
         self.count = 0.0
         self.hessian = torch.zeros(c, c, dtype=torch.float64, device=mean.device)
         self.grad_m2 = torch.zeros(c, c, dtype=torch.float64, device=mean.device)
 
     def add(self, out: torch.Tensor, grad: torch.Tensor) -> None:
-        z = _observations(out[:, :, None] if out.dim() == 2 else out) - self.mean.to(out.dtype)[None, :, None]
-        g = _observations(grad[:, :, None] if grad.dim() == 2 else grad)
+        z = _observations(out, self.last) - self.mean.to(out.dtype)[None, :, None]
+        g = _observations(grad, self.last)
         s = torch.bmm(g, z.transpose(1, 2))
         sym = (s + s.transpose(1, 2)).flatten(0, 1) / 2  # rows of every sample's sym(S), stacked
         self.hessian += (sym.T @ sym).double()
@@ -232,7 +254,8 @@ def collect_gradients(model: nn.Module, targets: list[Target], batches, moments:
         raise RankcutError(f"--grad must be one of {', '.join(LOSSES)}, got {loss!r}")
     if probes < 1:
         raise RankcutError("--probes must be at least 1")
-    acc = {t.name: GradientSums(moments[t.name].mean.to(ctx.device)) for t in targets}
+    acc = {t.name: GradientSums(moments[t.name].mean.to(ctx.device), channels_last(model.get_submodule(t.name)))
+           for t in targets}
     captured: dict[str, torch.Tensor] = {}
 
     def capture(layer, out):
