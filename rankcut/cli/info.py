@@ -16,24 +16,34 @@ from rankcut.model.cost import count_macs, count_params
 from rankcut.cli.errors import one_line
 from rankcut.cli.options import Json, Quiet
 from rankcut.cli.stats import stats_info
+from rankcut.model.targets import untargeted
 
 
-def layer_rows(model: nn.Module, per_layer_macs: dict[str, int]) -> list[dict]:
-    """One row per conv/linear layer or rank-k pair: name, type, weight shape(s), rank, MACs."""
+def layer_rows(model: nn.Module, per_layer_macs: dict[str, int], notes: dict[str, str] | None = None) -> list[dict]:
+    """One row per conv/linear layer, rank-k pair or fused attention: name, type, weight shape(s), rank, MACs.
+
+    ``note`` says why a layer is not a target (``targets.untargeted``), empty for targets.
+    """
     rows = []
     pair_parts = set()
+    notes = notes or {}
     for name, module in model.named_modules():
-        if name in pair_parts or not (is_target_type(module) or isinstance(module, nn.Conv2d)):
+        if name in pair_parts or not (is_target_type(module) or isinstance(module, nn.Conv2d) or name in notes):
+            continue
+        if name in notes and not hasattr(module, "weight"):  # e.g. nn.MultiheadAttention: in_proj_weight
+            shapes = [list(p.shape) for p in module.parameters(recurse=False) if p.dim() > 1]
+            rows.append({"name": name, "type": type(module).__name__, "shape": shapes, "rank": None,
+                         "macs": per_layer_macs.get(name, 0), "note": notes[name]})
             continue
         if isinstance(module, LowRank):
             pair_parts |= {f"{name}.down", f"{name}.up"}
             shape = [list(module.down.weight.shape), list(module.up.weight.shape)]
             macs = per_layer_macs.get(f"{name}.down", 0) + per_layer_macs.get(f"{name}.up", 0)
             rows.append({"name": name, "type": f"LowRank({type(module.down).__name__})", "shape": shape,
-                         "rank": module.rank, "macs": macs})
+                         "rank": module.rank, "macs": macs, "note": notes.get(name, "")})
         else:
             rows.append({"name": name, "type": type(module).__name__, "shape": [list(module.weight.shape)],
-                         "rank": None, "macs": per_layer_macs.get(name, 0)})
+                         "rank": None, "macs": per_layer_macs.get(name, 0), "note": notes.get(name, "")})
     return rows
 
 
@@ -44,7 +54,7 @@ def checkpoint_info(path: str, report: Reporter) -> None:
     except RuntimeError as e:  # the recorded input contract does not fit the model
         raise RankcutError(f"{path}: the model cannot run on its recorded input {meta.input.shape}: "
                            f"{one_line(str(e))[:160]}") from None
-    rows = layer_rows(model, per_layer)
+    rows = layer_rows(model, per_layer, untargeted(model, meta.input))
     data = {"file": path, "arch": meta.arch, "arch_kwargs": meta.arch_kwargs, "input": meta.input.to_dict(),
             "params": count_params(model), "macs": macs, "layers": rows,
             "edits": [e.kind for e in meta.edits], "history": list(meta.history)}
@@ -54,10 +64,10 @@ def checkpoint_info(path: str, report: Reporter) -> None:
     summary.add_row("params", f"{data['params']:,}")
     summary.add_row("MACs", f"{macs:,} ({macs / 1e9:.3f} G)")
     summary.add_row("edits", f"{len(meta.edits)}")
-    layers = Table("layer", "type", "weight shape", "rank", "MACs", title="layers", title_justify="left")
+    layers = Table("layer", "type", "weight shape", "rank", "MACs", "note", title="layers", title_justify="left")
     for r in rows:
         layers.add_row(r["name"], r["type"], " + ".join("x".join(map(str, s)) for s in r["shape"]),
-                       "" if r["rank"] is None else str(r["rank"]), f"{r['macs']:,}")
+                       "" if r["rank"] is None else str(r["rank"]), f"{r['macs']:,}", r["note"])
     history = Table("command", "time", "details", title="history", title_justify="left")
     for h in meta.history:
         details = ", ".join(f"{k}={v}" for k, v in h.items() if k not in ("command", "time"))

@@ -17,7 +17,8 @@ from rankcut.files.fileio import check_output, file_digest
 from rankcut.model.layers import max_rank
 from rankcut.files.statsfile import LayerStats, StatsFile, load_stats, rank_warning, save_stats
 from rankcut.stats.collect import LOSSES, collect_gradients, collect_moments
-from rankcut.model.targets import select
+from rankcut.model.targets import select, untargeted
+from rankcut.cli.coverage import not_targets_table
 from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet, Samples, Seed, Workers
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -102,7 +103,8 @@ def stats(
                 gradients = collect_gradients(model, targets, batches, moments, grad, probes, seed, ctx,
                                               lambda: bar.advance(task))
         layer_stats = {t.name: LayerStats(t, moments[t.name], gradients.get(t.name, {})) for t in targets}
-        info = {"data": data, "seed": seed, **({"probes": probes} if grad else {})}
+        info = {"data": data, "seed": seed, **({"probes": probes} if grad else {}),
+                "not_targets": untargeted(model, meta.input)}
         result = StatsFile(file_digest(checkpoint), len(dataset), layer_stats, loss=grad, info=info)
         if ctx.primary:
             for name, s in layer_stats.items():
@@ -111,12 +113,14 @@ def stats(
                     report.warn(warning)
             save_stats(result, output)
             summary_data, table = summary(result, f"{output}: {len(dataset):,} samples")
-            report.result({"output": output, **summary_data}, table)
+            report.result({"output": output, **summary_data}, table,
+                          *not_targets_table(result.info["not_targets"], output))
     finally:
         teardown(ctx)
 
 
 def stats_info(path: str, report: Reporter) -> None:
     """``rankcut info S.npz``: the same table ``stats`` printed."""
-    data, table = summary(load_stats(path), path)
-    report.result({"file": path, **data}, table)
+    loaded = load_stats(path)
+    data, table = summary(loaded, path)
+    report.result({"file": path, **data}, table, *not_targets_table(loaded.info.get("not_targets"), path))

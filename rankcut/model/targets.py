@@ -111,3 +111,44 @@ def select(model: nn.Module, contract: InputContract, layers: list[str] | None =
 def _preview(targets: list[Target]) -> str:
     names = [t.name for t in targets]
     return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+
+
+def untargeted(model: nn.Module, contract: InputContract) -> dict[str, str]:
+    """Every layer with weights that is not a default target, by name, with one line saying why.
+
+    ``info`` and ``stats`` list these, so nothing is skipped silently: layers whose weights are used
+    functionally (no hook can see their outputs), layers called more than once, grouped and depthwise
+    convolutions (they stay whole), fused attention, other layer types, and the output layer.
+    """
+    candidates = _candidates(model)
+    inside = tuple(f"{n}." for n, m in candidates.items() if isinstance(m, LowRank))
+    modules = {n: m for n, m in model.named_modules() if n and not n.startswith(inside)}
+    calls = dict.fromkeys(candidates, 0)
+    handles = [candidates[n].register_forward_pre_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1))
+               for n in candidates]
+    try:
+        _, final = trace(model, contract)
+    finally:
+        for h in handles:
+            h.remove()
+    notes = {}
+    for name, module in modules.items():
+        parent = type(model.get_submodule(name.rpartition(".")[0])).__name__ if "." in name else type(model).__name__
+        if isinstance(module, nn.MultiheadAttention):
+            notes[name] = ("not a target: nn.MultiheadAttention keeps query/key/value in the bare parameter "
+                           "in_proj_weight and calls out_proj functionally (rankcut init splits self-attention "
+                           "into linear qkv and out_proj; this one is not self-attention as called, or was not "
+                           "made by rankcut init)")
+        elif name in candidates and calls[name] == 0:
+            notes[name] = (f"not a target: never called as a module ({parent} uses its weights directly), so its "
+                           "outputs cannot be observed or replaced")
+        elif name in candidates and calls[name] > 1:
+            notes[name] = f"not a target: called {calls[name]} times per forward pass (its weights are shared)"
+        elif name == final:
+            notes[name] = "the output layer: a target only when --layers names it"
+        elif isinstance(module, nn.Conv2d) and module.groups > 1:
+            kind = "depthwise" if module.groups == module.in_channels else "grouped"
+            notes[name] = f"stays whole: {kind} convolution (groups={module.groups}); a pair needs groups=1"
+        elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
+            notes[name] = f"not a target: {type(module).__name__} (targets are Conv2d and Linear)"
+    return notes
