@@ -3,12 +3,16 @@
 For each architecture, through the real CLI (in this process) at a small input and 10 classes: ``init``;
 ``stats --data synthetic`` (few samples); ``project --method pca --keep 1.0`` must reproduce the outputs
 (max |difference| / max |output| on a random batch); ``--keep 0.5`` must run, and its MACs ratio is shown.
+At keep 1.0 the CLI keeps every layer whole (a full-rank pair never saves MACs), so one more check makes
+*every* target a pca pair at its full rank (the library's ``project_model`` without the saving rule) and
+compares the outputs: that is the check of the algebra on the architecture.
 Each step passes or is refused with the one line rankcut printed; a model over ``--max-params`` is skipped
 with that reason. Prints one row per architecture and a summary per family.
 
     python bench/bench_archs.py                       # torchvision and the timm list
     python bench/bench_archs.py --source torchvision --max-params 100e6
     python bench/bench_archs.py --only torchvision:regnet_x_400mf timm:levit_128s
+    python bench/bench_archs.py --rows rows.jsonl     # keep each row as it finishes; a rerun skips those done
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +48,7 @@ class Row:
     params: int | None = None
     steps: dict[str, str] = field(default_factory=dict)
     exact_error: float | None = None
+    pairs_error: float | None = None
     macs_ratio: float | None = None
     seconds: float = 0.0
 
@@ -103,14 +108,35 @@ def cli(*args) -> tuple[dict | None, str]:
     return json.loads(result.stdout), "ok"
 
 
-def relative_error(base: Path, other: Path, shape: tuple[int, ...]) -> float:
-    """max |f_other(x) - f_base(x)| / max |f_base(x)| on a seeded random batch of 4."""
-    import rankcut
-
+def relative_error(a, b, shape: tuple[int, ...]) -> float:
+    """max |b(x) - a(x)| / max |a(x)| for two models on a seeded random batch of 4."""
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b = rankcut.load(base)(x), rankcut.load(other)(x)
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+        ya, yb = a(x), b(x)
+    return ((ya - yb).abs().max() / ya.abs().max().clamp_min(1e-30)).item()
+
+
+def full_rank_pairs_error(base: Path, stats: Path, shape: tuple[int, ...]) -> tuple[float | None, str]:
+    """Every target of ``stats`` as a pca pair at its full rank: (relative output error, "ok" or why not)."""
+    import rankcut
+    from rankcut.compress.project import project_model
+    from rankcut.errors import RankcutError
+    from rankcut.files.statsfile import load_stats
+    from rankcut.model.edits import get_module
+    from rankcut.model.layers import current_rank
+
+    try:
+        model = rankcut.load(base)
+        layers = load_stats(stats).layers
+        targets = [s.target for s in layers.values()]
+        ranks = {t.name: current_rank(get_module(model, t.name)) for t in targets}
+        with torch.no_grad():
+            project_model(model, targets, layers, "pca", ranks, only_if_saves=False)
+        return relative_error(rankcut.load(base), model, shape), "ok"
+    except RankcutError as e:
+        return None, str(e)
+    except Exception as e:  # a bug: shown as such in the table
+        return None, f"TRACEBACK {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 def check(arch: str, work: Path, samples: int = 16, max_params: float = float("inf")) -> Row:
@@ -137,9 +163,14 @@ def check(arch: str, work: Path, samples: int = 16, max_params: float = float("i
         full, row.steps["keep 1.0"] = cli("project", base, "--stats", stats, "--keep", "1.0", "-o",
                                           work / "full.safetensors", "--force")
         if full is not None:
-            row.exact_error = relative_error(base, work / "full.safetensors", shape)
+            import rankcut
+
+            row.exact_error = relative_error(rankcut.load(base), rankcut.load(work / "full.safetensors"), shape)
             if row.exact_error > EXACT:
                 row.steps["keep 1.0"] = f"outputs differ: relative error {row.exact_error:.2g}"
+        row.pairs_error, row.steps["pairs"] = full_rank_pairs_error(base, stats, shape)
+        if row.pairs_error is not None and row.pairs_error > EXACT:
+            row.steps["pairs"] = f"outputs differ: relative error {row.pairs_error:.2g}"
         half, row.steps["keep 0.5"] = cli("project", base, "--stats", stats, "--keep", "0.5", "-o",
                                           work / "half.safetensors", "--force")
         if half is not None:
@@ -152,13 +183,20 @@ def check(arch: str, work: Path, samples: int = 16, max_params: float = float("i
 
 def architectures(source: str) -> list[str]:
     names = []
+    if source in ("all", "timm"):
+        names += [f"timm:{n}" for n in TIMM]
     if source in ("all", "torchvision"):
         import torchvision.models as tvm
 
         names += [f"torchvision:{n}" for n in tvm.list_models(module=tvm)]
-    if source in ("all", "timm"):
-        names += [f"timm:{n}" for n in TIMM]
     return names
+
+
+def _load_rows(path: Path | None) -> dict[str, Row]:
+    if path is None or not path.exists():
+        return {}
+    rows = [Row(**{**d, "shape": tuple(d["shape"])}) for d in map(json.loads, path.read_text().splitlines()) if d]
+    return {r.arch: r for r in rows}
 
 
 def _cell(row: Row, step: str) -> str:
@@ -168,6 +206,8 @@ def _cell(row: Row, step: str) -> str:
     if outcome == "ok":
         if step == "keep 1.0":
             return f"ok ({row.exact_error:.1e})"
+        if step == "pairs":
+            return f"ok ({row.pairs_error:.1e})"
         if step == "keep 0.5":
             return f"ok (MACs x{row.macs_ratio:.3f})"
         return "ok"
@@ -175,18 +215,20 @@ def _cell(row: Row, step: str) -> str:
 
 
 def rows_table(rows: list[Row]) -> Table:
-    table = Table("architecture", "input", "params", "init", "stats", "keep 1.0 (max rel. err.)", "keep 0.5",
-                  "s", title="every architecture: init, stats, exact at keep 1.0, keep 0.5",
+    table = Table("architecture", "input", "params", "init", "stats", "keep 1.0 (max rel. err.)",
+                  "full-rank pairs (max rel. err.)", "keep 0.5", "s",
+                  title="every architecture: init, stats, exact at keep 1.0, keep 0.5",
                   caption=f"keep 1.0 passes at max |diff| / max |output| <= {EXACT:g}; stats on synthetic data, "
                           "pca; parameters at 10 classes", caption_justify="left")
     for r in rows:
         table.add_row(r.arch, "x".join(map(str, r.shape)), "" if r.params is None else f"{r.params / 1e6:.1f}M",
-                      *(_cell(r, s) for s in ("init", "stats", "keep 1.0", "keep 0.5")), f"{r.seconds:.0f}")
+                      *(_cell(r, s) for s in ("init", "stats", "keep 1.0", "pairs", "keep 0.5")), f"{r.seconds:.0f}")
     return table
 
 
 def family_table(rows: list[Row]) -> Table:
-    table = Table("family", "models", "init", "stats", "exact at keep 1.0", "keep 0.5", "MACs x at keep 0.5",
+    table = Table("family", "models", "init", "stats", "exact at keep 1.0", "full-rank pairs", "keep 0.5",
+                  "MACs x at keep 0.5",
                   "skipped (size)", title="per family: how many models pass each check")
     families: dict[str, list[Row]] = {}
     for r in rows:
@@ -197,7 +239,7 @@ def family_table(rows: list[Row]) -> Table:
         spread = "" if not ratios else (f"{min(ratios):.3f}" if len(ratios) == 1 or min(ratios) == max(ratios)
                                         else f"{min(ratios):.3f}-{max(ratios):.3f}")
         table.add_row(family, str(len(members)), *(f"{sum(r.passed(s) for r in ran)}/{len(ran)}"
-                                                   for s in ("init", "stats", "keep 1.0", "keep 0.5")),
+                                                   for s in ("init", "stats", "keep 1.0", "pairs", "keep 0.5")),
                       spread, str(len(members) - len(ran)))
     return table
 
@@ -209,17 +251,25 @@ def main() -> None:
     parser.add_argument("--max-params", type=float, default=100e6, help="Skip larger models (default 100e6).")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=Path, help="JSON-lines file: rows found there are not rerun; new rows are added.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import show
 
     names = args.only or architectures(args.source)
+    done = _load_rows(args.rows)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names):
+            if name in done:
+                rows.append(done[name])
+                continue
             rows.append(check(name, Path(tmp) / str(i), args.samples, args.max_params))
             r = rows[-1]
+            if args.rows:
+                with open(args.rows, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(asdict(r)) + "\n")
             print(f"{name}: " + "; ".join(f"{k}: {_cell(r, k)}" for k in r.steps) + f" ({r.seconds:.0f} s)",
                   file=sys.stderr, flush=True)
     show(rows_table(rows))

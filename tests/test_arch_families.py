@@ -1,0 +1,44 @@
+"""Architectures no one here wrote, through init, stats, project: a representative subset on every run.
+
+The subset covers the families' hard parts at tiny sizes: grouped convs and a builder that computes with
+tensors (RegNet), depthwise convs and squeeze-excitation (MobileNetV3), channel shuffles (ShuffleNet),
+channels-last linears (timm ConvNeXt), and attention blocks on tokens (timm DeiT). The full list (every
+torchvision classification builder and the timm list) is ``python bench/bench_archs.py``, or this file's
+slow test with ``RANKCUT_ALL_ARCHS=1`` (hours on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_archs import EXACT, architectures, check  # noqa: E402
+
+SUBSET = ["torchvision:regnet_x_400mf", "torchvision:mobilenet_v3_small", "torchvision:shufflenet_v2_x0_5",
+          "timm:convnext_atto", "timm:deit_tiny_patch16_224"]
+
+
+def _assert_passes(row):
+    shown = f"{row.arch}: {row.steps}"
+    assert all(outcome == "ok" for outcome in row.steps.values()), shown
+    assert list(row.steps) == ["init", "stats", "keep 1.0", "pairs", "keep 0.5"], shown
+    assert row.exact_error <= EXACT and row.pairs_error <= EXACT, shown
+    assert 0 < row.macs_ratio < 1, shown
+
+
+@pytest.mark.parametrize("arch", SUBSET)
+def test_representative_architectures_pass_every_check(arch, tmp_path):
+    _assert_passes(check(arch, tmp_path / "work", samples=8))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RANKCUT_ALL_ARCHS") != "1", reason="the full list takes hours: RANKCUT_ALL_ARCHS=1")
+@pytest.mark.parametrize("arch", architectures("all"))
+def test_every_architecture_passes_or_is_refused_in_one_line(arch, tmp_path):
+    row = check(arch, tmp_path / "work", max_params=100e6)
+    assert not any(outcome.startswith("TRACEBACK") for outcome in row.steps.values()), f"{arch}: {row.steps}"
+    assert not any("channels in the statistics" in outcome for outcome in row.steps.values()), f"{arch}: {row.steps}"
