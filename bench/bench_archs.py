@@ -13,6 +13,7 @@ with that reason. Prints one row per architecture and a summary per family.
     python bench/bench_archs.py --source torchvision --max-params 100e6
     python bench/bench_archs.py --only torchvision:regnet_x_400mf timm:levit_128s
     python bench/bench_archs.py --rows rows.jsonl     # keep each row as it finishes; a rerun skips those done
+    python bench/bench_archs.py --rows rows.jsonl --no-run   # tables from the rows kept so far
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Row:
     @property
     def family(self) -> str:
         prefix, _, name = self.arch.partition(":")
-        head = "wide_resnet" if name.startswith("wide_resnet") else re.match(r"[a-z]+", name).group(0)
+        head = "wide_resnet" if name.startswith("wide_resnet") else re.match(r"[a-z]+(v\d+)?", name).group(0)
         return f"{prefix}:{head}"
 
     def passed(self, step: str) -> bool:
@@ -139,9 +140,17 @@ def full_rank_pairs_error(base: Path, stats: Path, shape: tuple[int, ...]) -> tu
         return None, f"TRACEBACK {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def check(arch: str, work: Path, samples: int = 16, max_params: float = float("inf")) -> Row:
-    """Run the four checks on one architecture in ``work`` (files are deleted afterwards)."""
+def check(arch: str, work: Path, samples: int = 16, max_params: float = float("inf"),
+          size: int | None = None) -> Row:
+    """Run the four checks on one architecture in ``work`` (files are deleted afterwards).
+
+    ``size`` overrides the input's height and width (and ``img_size`` where the builder takes one).
+    """
     kwargs, shape = settings(arch)
+    if size is not None:
+        shape = (shape[0], size, size)
+        kwargs = {**kwargs, **({"img_size": size} if "img_size" in kwargs else {}),
+                  **({"image_size": size} if "image_size" in kwargs else {})}
     row = Row(arch, shape, kwargs)
     start = time.perf_counter()
     row.params = parameter_count(arch, kwargs)
@@ -229,18 +238,19 @@ def rows_table(rows: list[Row]) -> Table:
 def family_table(rows: list[Row]) -> Table:
     table = Table("family", "models", "init", "stats", "exact at keep 1.0", "full-rank pairs", "keep 0.5",
                   "MACs x at keep 0.5",
-                  "skipped (size)", title="per family: how many models pass each check")
+                  "skipped (size)", "not run", title="per family: how many models pass each check")
     families: dict[str, list[Row]] = {}
     for r in rows:
         families.setdefault(r.family, []).append(r)
     for family, members in families.items():
-        ran = [r for r in members if not r.steps.get("init", "").startswith("skipped")]
+        ran = [r for r in members if not r.steps.get("init", "").startswith(("skipped", "not run"))]
+        skipped = sum(r.steps.get("init", "").startswith("skipped") for r in members)
         ratios = [r.macs_ratio for r in ran if r.macs_ratio is not None]
         spread = "" if not ratios else (f"{min(ratios):.3f}" if len(ratios) == 1 or min(ratios) == max(ratios)
                                         else f"{min(ratios):.3f}-{max(ratios):.3f}")
         table.add_row(family, str(len(members)), *(f"{sum(r.passed(s) for r in ran)}/{len(ran)}"
                                                    for s in ("init", "stats", "keep 1.0", "pairs", "keep 0.5")),
-                      spread, str(len(members) - len(ran)))
+                      spread, str(skipped), str(len(members) - len(ran) - skipped))
     return table
 
 
@@ -252,6 +262,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=Path, help="JSON-lines file: rows found there are not rerun; new rows are added.")
+    parser.add_argument("--no-run", action="store_true", help="Only show the rows in --rows; list the others as not run.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -264,6 +275,10 @@ def main() -> None:
         for i, name in enumerate(names):
             if name in done:
                 rows.append(done[name])
+                continue
+            if args.no_run:
+                kwargs, shape = settings(name)
+                rows.append(Row(name, shape, kwargs, steps={"init": "not run yet (see --rows)"}))
                 continue
             rows.append(check(name, Path(tmp) / str(i), args.samples, args.max_params))
             r = rows[-1]

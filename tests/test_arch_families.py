@@ -1,8 +1,8 @@
 """Architectures no one here wrote, through init, stats, project: a representative subset on every run.
 
-The subset covers the families' hard parts at tiny sizes: grouped convs and a builder that computes with
-tensors (RegNet), depthwise convs and squeeze-excitation (MobileNetV3), channel shuffles (ShuffleNet),
-channels-last linears (timm ConvNeXt), and attention blocks on tokens (timm DeiT). The full list (every
+The subset covers the families' hard parts at 32x32: depthwise convs and squeeze-excitation (MobileNetV3),
+channel shuffles and grouped convs (ShuffleNet), channels-last linears (timm ConvNeXt), and attention blocks
+on tokens (timm DeiT). RegNet's builder is in ``test_meta_build.py``, torchvision's ViT in ``test_attention.py``. The full list (every
 torchvision classification builder and the timm list) is ``python bench/bench_archs.py``, or this file's
 slow test with ``RANKCUT_ALL_ARCHS=1`` (hours on 2 cores).
 """
@@ -18,8 +18,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_archs import EXACT, architectures, check  # noqa: E402
 
-SUBSET = ["torchvision:regnet_x_400mf", "torchvision:mobilenet_v3_small", "torchvision:shufflenet_v2_x0_5",
-          "timm:convnext_atto", "timm:deit_tiny_patch16_224"]
+SUBSET = ["torchvision:mobilenet_v3_small", "torchvision:shufflenet_v2_x0_5", "timm:convnext_atto",
+          "timm:deit_tiny_patch16_224"]
 
 
 def _assert_passes(row):
@@ -27,12 +27,12 @@ def _assert_passes(row):
     assert all(outcome == "ok" for outcome in row.steps.values()), shown
     assert list(row.steps) == ["init", "stats", "keep 1.0", "pairs", "keep 0.5"], shown
     assert row.exact_error <= EXACT and row.pairs_error <= EXACT, shown
-    assert 0 < row.macs_ratio < 1, shown
+    assert 0 < row.macs_ratio <= 1, shown  # a pair of a square 1x1 conv at half its rank saves nothing
 
 
 @pytest.mark.parametrize("arch", SUBSET)
 def test_representative_architectures_pass_every_check(arch, tmp_path):
-    _assert_passes(check(arch, tmp_path / "work", samples=8))
+    _assert_passes(check(arch, tmp_path / "work", samples=8, size=32))
 
 
 @pytest.mark.slow
