@@ -44,6 +44,7 @@ BENCHES = [
     Bench("bench_budget.py", ("--archs", "rankcut:mnist-cnn", "--fractions", "0.5", "--methods", "pca",
                               "--samples", "200", "--base-epochs", "1")),
     Bench("bench_memory.py", ("-n", "50", "--no-grad")),
+    Bench("bench_archs.py", ("--only", "torchvision:mobilenet_v3_small", "timm:convnext_atto", "--samples", "8")),
 ]
 
 

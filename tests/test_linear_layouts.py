@@ -203,3 +203,31 @@ def test_macs_follow_the_leading_axes(cls, positions):
     project_model(model, [t for t in targets if t.name == "fc1"], stats, "pca", {"fc1": 3}, only_if_saves=False)
     _, per_layer = count_macs(model, CONTRACT)
     assert per_layer["fc1.down"] + per_layer["fc1.up"] == positions * 3 * (fan_in + width)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm that also applies its activation (as timm's ``BatchNormAct2d``): not foldable."""
+
+    def forward(self, x):
+        return nn.functional.relu(super().forward(x))
+
+
+def test_a_batchnorm_with_its_own_forward_is_not_folded():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.bn = BatchNormAct(8)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+    model, data = _model(Net), _batches(2)
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    targets, stats = _stats(model, data)
+    assert {t.name: t.bn for t in targets}["conv"] is None
+    _, before = _outputs(model, [], data)
+    project_model(model, targets, stats, "pca", {"conv": 8}, only_if_saves=False)
+    _, after = _outputs(model, [], data)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)

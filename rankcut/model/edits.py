@@ -15,7 +15,7 @@ from torch import nn
 
 from rankcut.errors import RankcutError
 from rankcut.model.attention import split
-from rankcut.model.layers import LowRank, empty_pair, fold_batchnorm, is_target_type, out_width
+from rankcut.model.layers import LowRank, empty_pair, fold_batchnorm, is_target_type, out_width, plain_batchnorm
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -44,7 +44,7 @@ class FoldBatchNorm:
 
     def apply(self, model: nn.Module) -> None:
         layer, bn = get_module(model, self.layer), get_module(model, self.bn)
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or not plain_batchnorm(bn):
             raise RankcutError(f"cannot fold {self.bn} into {self.layer}: expected a conv/linear and a BatchNorm")
         if bn.num_features != layer.weight.shape[0]:
             raise RankcutError(f"cannot fold {self.bn} into {self.layer}: channel counts differ")

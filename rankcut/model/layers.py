@@ -48,6 +48,16 @@ def channels_last(layer: nn.Module) -> bool:
     return isinstance(first, nn.Linear)
 
 
+def plain_batchnorm(module: nn.Module) -> bool:
+    """True for a BatchNorm whose forward is torch's own: only that one can be folded into a layer.
+
+    Subclasses that change the forward (timm's ``BatchNormAct2d`` applies its activation inside) would
+    lose that extra work if folded and replaced by an identity.
+    """
+    base = nn.modules.batchnorm._BatchNorm
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
 def out_width(layer: nn.Module) -> int:
     """Number of output channels (features) of a target layer or pair."""
     return (layer.up if isinstance(layer, LowRank) else layer).weight.shape[0]

@@ -17,7 +17,7 @@ from torch import nn
 
 from rankcut.model.archs import InputContract
 from rankcut.errors import RankcutError
-from rankcut.model.layers import LowRank, channels_last, is_target_type, out_width
+from rankcut.model.layers import LowRank, channels_last, is_target_type, out_width, plain_batchnorm
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
 def trace(model: nn.Module, contract: InputContract) -> tuple[list[Target], str | None]:
     """All candidate targets in call order, and the name of the one producing the model's output."""
     candidates = _candidates(model)
-    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    bns = {n: m for n, m in model.named_modules() if plain_batchnorm(m)}
     outputs: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {}
     follows: dict[str, str] = {}
