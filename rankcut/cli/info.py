@@ -28,9 +28,10 @@ def layer_rows(model: nn.Module, per_layer_macs: dict[str, int], notes: dict[str
     pair_parts = set()
     notes = notes or {}
     for name, module in model.named_modules():
-        if name in pair_parts or not (is_target_type(module) or isinstance(module, nn.Conv2d) or name in notes):
+        layer = is_target_type(module) or isinstance(module, nn.Conv2d)
+        if name in pair_parts or not (layer or name in notes):
             continue
-        if name in notes and not hasattr(module, "weight"):  # e.g. nn.MultiheadAttention: in_proj_weight
+        if not layer:  # listed for its note, e.g. nn.MultiheadAttention (its weight is in_proj_weight)
             shapes = [list(p.shape) for p in module.parameters(recurse=False) if p.dim() > 1]
             rows.append({"name": name, "type": type(module).__name__, "shape": shapes, "rank": None,
                          "macs": per_layer_macs.get(name, 0), "note": notes[name]})
