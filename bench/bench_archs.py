@@ -56,7 +56,8 @@ class Row:
     @property
     def family(self) -> str:
         prefix, _, name = self.arch.partition(":")
-        head = "wide_resnet" if name.startswith("wide_resnet") else re.match(r"[a-z]+(v\d+)?", name).group(0)
+        words = re.match(r"([a-z]+?)(v\d+)?(?:\d|_|$)", name)
+        head = "wide_resnet" if name.startswith("wide_resnet") else words.group(1) + (words.group(2) or "")
         return f"{prefix}:{head}"
 
     def passed(self, step: str) -> bool:
