@@ -77,7 +77,7 @@ def settings(arch: str) -> tuple[dict, tuple[int, int, int]]:
         if name == "inception_v3":
             return kwargs, (3, 96, 96)  # at least 75 pixels
         return kwargs, (3, 64, 64)
-    if name.startswith(("vit_", "deit_", "mixer_")):
+    if name.startswith(("vit_", "deit_", "mixer_", "test_vit")):
         return {**kwargs, "img_size": 64}, (3, 64, 64)
     if name.startswith(("swin_", "levit_")):
         return kwargs, (3, 224, 224)  # window and attention-bias sizes are fixed by the name
