@@ -19,7 +19,7 @@ from rankcut.model.archs import InputContract
 from rankcut.model.cost import count_macs
 from rankcut.model.edits import get_module
 from rankcut.model.targets import select, trace
-from rankcut.stats.collect import GradientSums as _G, Moments as _M, collect_gradients, collect_moments
+from rankcut.stats.collect import GradientSums, Moments, collect_gradients, collect_moments
 
 CONTRACT = InputContract((3, 16, 16), (0.0,) * 3, (1.0,) * 3)
 CPU = Context(0, 1, torch.device("cpu"))
