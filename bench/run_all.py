@@ -46,6 +46,7 @@ BENCHES = [
     Bench("bench_memory.py", ("-n", "50", "--no-grad")),
     Bench("bench_startup.py", ("--rounds", "1")),
     Bench("bench_latency.py", ("--archs", "mnist", "--batches", "1", "--runtimes", "torch"), out_flag="--out"),
+    Bench("bench_archs.py", ("--only", "torchvision:mobilenet_v3_small", "timm:convnext_atto", "--samples", "8")),
 ]
 
 

@@ -29,7 +29,7 @@ from rankcut.model.contract import InputContract
 from rankcut.model.cost import count_macs, count_params, target_cost
 from rankcut.model.edits import Edit, get_module
 from rankcut.model.layers import LowRank, current_rank, max_rank
-from rankcut.model.targets import Target, match, select, trace, warn_output_layer
+from rankcut.model.targets import Target, match, select, trace, untargeted, warn_output_layer
 from rankcut.run.data import loader, shard
 from rankcut.run.evaluate import evaluate_many
 from rankcut.run.latency import RUNTIMES, compare_runtime
@@ -72,7 +72,7 @@ def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, c
     """Statistics of every selected target over ``dataset`` (one forward pass per batch; more with ``grad``).
 
     ``checkpoint`` is the digest of the file the model came from (``project`` on the CLI refuses statistics of
-    another file). Under torchrun (``ctx``) each process takes a shard and the sums are combined exactly.
+    another file). The layers that are not targets are recorded, each with the reason. Under torchrun (``ctx``) each process takes a shard and the sums are combined exactly.
     """
     ctx = ctx or dist.Context(0, 1, next(model.parameters()).device)
     targets = select(model, contract, list(config.layers or []) or None, list(config.exclude or []) or None)
@@ -90,7 +90,8 @@ def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, c
         gradients = collect_gradients(model, targets, batches, moments, config.grad, config.probes, config.seed,
                                       ctx, stage(f"gradients ({config.grad})"))
     layers = {t.name: LayerStats(t, moments[t.name], gradients.get(t.name, {})) for t in targets}
-    extra = {**(info or {}), "seed": config.seed, **({"probes": config.probes} if config.grad else {})}
+    extra = {**(info or {}), "seed": config.seed, **({"probes": config.probes} if config.grad else {}),
+             "not_targets": untargeted(model, contract)}
     return StatsFile(checkpoint, len(dataset), layers, loss=config.grad, info=extra)
 
 

@@ -16,23 +16,36 @@ from rankcut.model.cost import count_macs, count_params, target_macs
 from rankcut.cli.options import Json, Quiet
 from rankcut.files.fileio import file_digest
 from rankcut.cli.stats import stats_info
+from rankcut.model.targets import untargeted
 
 
-def layer_rows(model: nn.Module, per_layer_macs: dict[str, int]) -> list[dict]:
-    """One row per conv/linear layer or rank-k pair: name, type, weight shape(s), rank, MACs."""
+def layer_rows(model: nn.Module, per_layer_macs: dict[str, int], notes: dict[str, str] | None = None) -> list[dict]:
+    """One row per conv/linear layer, rank-k pair or fused attention: name, type, weight shape(s), rank, MACs.
+
+    ``note`` says why a layer is not a target (``targets.untargeted``), empty for targets.
+    """
     rows = []
     pair_parts = set()
+    notes = notes or {}
     for name, module in model.named_modules():
-        if name in pair_parts or not (is_target_type(module) or isinstance(module, nn.Conv2d)):
+        layer = is_target_type(module) or isinstance(module, nn.Conv2d)
+        if name in pair_parts or not (layer or name in notes):
+            continue
+        if not layer:  # listed for its note, e.g. nn.MultiheadAttention (its weight is in_proj_weight)
+            shapes = [list(p.shape) for p in module.parameters(recurse=False) if p.dim() > 1]
+            rows.append({"name": name, "type": type(module).__name__, "shape": shapes, "rank": None,
+                         "macs": per_layer_macs.get(name, 0), "note": notes[name]})
             continue
         if isinstance(module, LowRank):
             pair_parts |= {f"{name}.down", f"{name}.up"}
             shape = [list(module.down.weight.shape), list(module.up.weight.shape)]
             rows.append({"name": name, "type": f"LowRank({type(module.down).__name__})", "shape": shape,
-                         "rank": module.rank, "macs": target_macs(model, name, per_layer_macs)})
+                         "rank": module.rank, "macs": target_macs(model, name, per_layer_macs),
+                         "note": notes.get(name, "")})
         else:
             rows.append({"name": name, "type": type(module).__name__, "shape": [list(module.weight.shape)],
-                         "rank": None, "macs": target_macs(model, name, per_layer_macs)})
+                         "rank": None, "macs": target_macs(model, name, per_layer_macs),
+                         "note": notes.get(name, "")})
     return rows
 
 
@@ -43,7 +56,7 @@ def checkpoint_info(path: str, report: Reporter) -> None:
     except RuntimeError as e:  # the recorded input contract does not fit the model
         raise RankcutError(f"{path}: the model cannot run on its recorded input {meta.input.shape}: "
                            f"{one_line(str(e))[:160]}") from None
-    rows = layer_rows(model, per_layer)
+    rows = layer_rows(model, per_layer, untargeted(model, meta.input))
     data = {"file": path, "sha256": file_digest(path), "arch": meta.arch, "arch_kwargs": meta.arch_kwargs, "input": meta.input.to_dict(),
             "classes": meta.classes, "params": count_params(model), "macs": macs, "layers": rows,
             "edits": [e.kind for e in meta.edits], "history": list(meta.history)}
@@ -55,10 +68,10 @@ def checkpoint_info(path: str, report: Reporter) -> None:
     summary.add_row("params", f"{data['params']:,}")
     summary.add_row("MACs", f"{macs:,} ({macs / 1e9:.3f} G)")
     summary.add_row("edits", f"{len(meta.edits)}")
-    layers = Table("layer", "type", "weight shape", "rank", "MACs", title="layers", title_justify="left")
+    layers = Table("layer", "type", "weight shape", "rank", "MACs", "note", title="layers", title_justify="left")
     for r in rows:
         layers.add_row(r["name"], r["type"], " + ".join("x".join(map(str, s)) for s in r["shape"]),
-                       "" if r["rank"] is None else str(r["rank"]), f"{r['macs']:,}")
+                       "" if r["rank"] is None else str(r["rank"]), f"{r['macs']:,}", r["note"])
     history = Table("command", "time", "details", title="history", title_justify="left")
     for h in meta.history:
         details = ", ".join(f"{k}={v}" for k, v in h.items() if k not in ("command", "time"))

@@ -18,7 +18,9 @@ from rankcut.files.checkpoint import CheckpointMeta, save
 from rankcut.cli.console import Reporter
 from rankcut.errors import RankcutError, RankcutWarning
 from rankcut.files.fileio import check_output, require_file
+from rankcut.model.attention import self_attention_layers
 from rankcut.model.cost import count_macs, count_params
+from rankcut.model.edits import SplitMultiheadAttention
 from rankcut.files.weights import load_weights
 from rankcut.run.evaluate import output_classes
 from rankcut.cli.options import Force, Json, Output, Quiet, Seed
@@ -57,10 +59,13 @@ def _memory_bytes() -> int | None:
 
 def _check_size(arch: str, kwargs: dict) -> None:
     """Refuse, before allocating anything, a built-in architecture whose arguments make it absurdly large."""
-    if not arch.startswith(("torchvision:", "rankcut:")):
+    if not arch.startswith(("torchvision:", "timm:", "rankcut:")):
         return  # user code may not build on the meta device; the user wrote it and typed its name
-    with torch.device("meta"):
-        skeleton = archs.build(arch, kwargs)
+    try:
+        with torch.device("meta"):
+            skeleton = archs.build(arch, kwargs)
+    except archs.NeedsRealTensors:
+        return  # its builder computes with tensor values: only a real build can tell its size
     need = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
     have = _memory_bytes()
     if have is not None and need > have:
@@ -75,7 +80,7 @@ def _contract(arch: str, kwargs: dict, dims: tuple[int, ...] | None, mean: str |
     A user architecture needs --input; mean/std the architecture is not known to use are announced,
     since weights trained with other statistics would suffer.
     """
-    if dims is None and not arch.startswith(("torchvision:", "rankcut:")):
+    if dims is None and not arch.startswith(("torchvision:", "timm:", "rankcut:")):
         raise RankcutError(f"give --input C,H,W (and --mean, --std) for {arch}: rankcut cannot tell what input "
                            "your architecture takes")
     dims = archs.default_input(arch, kwargs).shape if dims is None else dims
@@ -92,7 +97,7 @@ def _contract(arch: str, kwargs: dict, dims: tuple[int, ...] | None, mean: str |
 
 
 def init(
-    arch: Annotated[str, typer.Option("--arch", "-a", help="torchvision:NAME, rankcut:NAME, or package.module:function.")],
+    arch: Annotated[str, typer.Option("--arch", "-a", help="torchvision:NAME, timm:NAME, rankcut:NAME, or package.module:function.")],
     output: Output,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Classifier outputs.")] = None,
     kwargs: Annotated[str, typer.Option("--kwargs", help="More builder keyword arguments as a JSON object.")] = "{}",
@@ -137,10 +142,14 @@ def init(
         load_weights(model, weights)
         source = Path(weights).name
     try:
+        # Self-attention layers are split into plain linears (qkv, out_proj) so they can be targets.
+        splits = [SplitMultiheadAttention(n) for n in self_attention_layers(model, lambda: count_macs(model, contract))]
+        for edit in splits:
+            edit.apply(model)
         macs, _ = count_macs(model, contract)
     except RuntimeError as e:
         raise RankcutError(f"{arch} cannot run on input {contract.shape}: {str(e).splitlines()[0][:160]}") from None
-    meta = CheckpointMeta(arch, extra, contract).with_history("init", weights=source)
+    meta = CheckpointMeta(arch, extra, contract).with_edits(*splits).with_history("init", weights=source)
     if names is not None:
         scored = output_classes(model, contract)
         if len(names) != scored:

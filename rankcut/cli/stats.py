@@ -9,6 +9,7 @@ import typer
 from rankcut import dist
 from rankcut.api import StatsConfig, collect_stats, rank_limits
 from rankcut.cli.console import Reporter
+from rankcut.cli.coverage import not_targets_table
 from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet, Samples, Seed, Workers
 from rankcut.cli.tables import stats_summary
 from rankcut.files.checkpoint import load_with_meta
@@ -58,12 +59,13 @@ def stats(
                     report.warn(warning)
             save_stats(result, output)
             summary, table = stats_summary(result, f"{output}: {len(dataset):,} samples")
-            report.result({**summary, "output": output}, table)
+            report.result({**summary, "output": output}, table, *not_targets_table(result.info["not_targets"], output))
     finally:
         dist.teardown(ctx)
 
 
 def stats_info(path: str, report: Reporter) -> None:
     """``rankcut info S.npz``: the same table ``stats`` printed."""
-    summary, table = stats_summary(load_stats(path), path)
-    report.result({**summary, "file": path}, table)
+    loaded = load_stats(path)
+    summary, table = stats_summary(loaded, path)
+    report.result({**summary, "file": path}, table, *not_targets_table(loaded.info.get("not_targets"), path))

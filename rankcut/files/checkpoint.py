@@ -10,8 +10,9 @@ String metadata (flat ``str -> str``, structured values JSON-encoded):
 - ``rankcut.classes`` (optional): the class names the outputs score, in output order (absent: unknown)
 
 Loading builds the architecture on the meta device, replays the edits, checks every tensor's name and
-shape against the file's header, and only then builds it for real and loads strictly. Nothing in the
-file is executed.
+shape against the file's header, and only then builds it for real and loads strictly. An architecture
+whose builder computes with tensor values (torchvision's RegNets) cannot be built on the meta device: it
+is built for real once, checked, and that model is the one loaded. Nothing in the file is executed.
 """
 
 from __future__ import annotations
@@ -142,13 +143,22 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
     return CheckpointMeta.from_metadata(md, str(path))
 
 
-def _check_structure(meta: CheckpointMeta, shapes: dict[str, tuple[int, ...]], path: str, trusted: bool) -> None:
-    """Compare the described module tree with the file's tensors without allocating any memory."""
-    with torch.device("meta"):
-        skeleton = build_model(meta, trusted)
+def _check_structure(meta: CheckpointMeta, shapes: dict[str, tuple[int, ...]], path: str,
+                     trusted: bool) -> nn.Module | None:
+    """Compare the described module tree with the file's tensors, without allocating memory where possible.
+
+    Returns the model when it had to be built for real (its builder needs tensor data), else None.
+    """
+    real = None
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(meta, trusted)
+    except archs.NeedsRealTensors:
+        skeleton = real = build_model(meta, trusted)
     problem = mismatches({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes)
     if problem:
         raise RankcutError(f"{path} does not match its own description: {problem}")
+    return real
 
 
 def load_with_meta(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -157,8 +167,9 @@ def load_with_meta(path: str | os.PathLike, device: str | torch.device = "cpu",
     path = str(path)
     md, shapes, _ = _header(path)
     meta = CheckpointMeta.from_metadata(md, path)
-    _check_structure(meta, shapes, path, trusted)
-    model = build_model(meta, trusted)
+    model = _check_structure(meta, shapes, path, trusted)
+    if model is None:
+        model = build_model(meta, trusted)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}

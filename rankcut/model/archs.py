@@ -1,8 +1,10 @@
 """Architecture names -> freshly built ``nn.Module``s.
 
-Three kinds of name, each with JSON-able keyword arguments:
+Four kinds of name, each with JSON-able keyword arguments:
 
 - ``torchvision:NAME``: any torchvision classification builder (built with ``weights=None``);
+- ``timm:NAME``: any timm model (the optional ``timm`` extra), built with ``pretrained=False``: nothing is
+  downloaded, weights come from ``rankcut init --weights``;
 - ``rankcut:NAME``: a built-in small model (see ``BUILTINS``);
 - ``package.module:function``: a user's own builder. Importing it runs the user's code, so a
   checkpoint that names one is only built when its top-level package is listed in the
@@ -93,6 +95,10 @@ BUILTINS: dict[str, Builtin] = {
     "mnist-cnn": Builtin(MnistCNN, MNIST),
     "small-resnet": Builtin(SmallResNet, MNIST),
 }
+class NeedsRealTensors(RankcutError):
+    """The builder computes with tensor values (e.g. layer widths from ``torch.pow``), so it cannot run on meta."""
+
+
 _USER = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
@@ -102,9 +108,31 @@ def _torchvision_builders() -> list[str]:
     return tvm.list_models(module=tvm)
 
 
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise RankcutError("timm:NAME architectures need timm: pip install 'rankcut[timm]'") from None
+    return timm
+
+
+def _timm_input(name: str, kwargs: dict) -> InputContract:
+    """A timm model's ``pretrained_cfg`` input size, mean and std (``img_size`` in ``kwargs`` wins)."""
+    cfg = _timm().get_pretrained_cfg(name)
+    shape = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
+    size = kwargs.get("img_size")
+    if size is not None:
+        shape = (shape[0], *((size, size) if isinstance(size, int) else size))
+    mean = tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN
+    std = tuple(cfg.std) if cfg is not None else IMAGENET_STD
+    return InputContract(tuple(int(s) for s in shape), mean, std)
+
+
 def default_input(arch: str, kwargs: dict) -> InputContract:
     """The input contract an architecture expects when the user does not give one."""
     prefix, _, name = arch.partition(":")
+    if prefix == "timm":
+        return _timm_input(name, kwargs)
     if prefix == "rankcut" and name in BUILTINS:
         contract = BUILTINS[name].input
         channels = int(kwargs.get("in_channels", contract.shape[0]))
@@ -121,6 +149,10 @@ def own_normalisation(arch: str, channels: int) -> tuple[tuple[float, ...], tupl
         return BUILTINS[name].input.mean, BUILTINS[name].input.std
     if prefix == "torchvision" and channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
+    if prefix == "timm":
+        contract = _timm_input(name, {})
+        if contract.shape[0] == channels:
+            return contract.mean, contract.std
     return None
 
 
@@ -150,7 +182,7 @@ def build(arch: str, kwargs: dict | None = None, trusted: bool = False) -> nn.Mo
     kwargs = dict(kwargs or {})
     if not isinstance(arch, str) or ":" not in arch:
         raise RankcutError(
-            f"unknown architecture {arch!r}: use torchvision:NAME, rankcut:NAME or package.module:function"
+            f"unknown architecture {arch!r}: use torchvision:NAME, timm:NAME, rankcut:NAME or package.module:function"
         )
     prefix, _, name = arch.partition(":")
     try:
@@ -160,11 +192,20 @@ def build(arch: str, kwargs: dict | None = None, trusted: bool = False) -> nn.Mo
             import torchvision.models as tvm
 
             return tvm.get_model(name, weights=None, **kwargs)
+        if prefix == "timm":
+            timm = _timm()
+            if not timm.is_model(name):
+                raise RankcutError(f"unknown architecture {arch!r}: not a timm model")
+            return timm.create_model(name, pretrained=False, **kwargs)
         if prefix == "rankcut":
             if name not in BUILTINS:
                 raise RankcutError(f"unknown architecture {arch!r}: built-ins are {', '.join(sorted(BUILTINS))}")
             return BUILTINS[name].build(**kwargs)
         return _build_user(arch, kwargs, trusted)
+    except NotImplementedError as e:
+        if "meta" not in str(e):
+            raise
+        raise NeedsRealTensors(f"{arch} cannot be built on the meta device: its builder reads tensor data") from None
     except (TypeError, ValueError, RuntimeError, OverflowError, AssertionError) as e:
         # Bad keyword arguments surface from builders as any of these (torch's own messages run to many
         # lines of C++ frames): keep the first line.

@@ -7,7 +7,6 @@ as a rank-k pair, used by projection, budgets and ``info``; a test checks it aga
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 from rankcut.errors import RankcutError
 from rankcut.model.contract import InputContract
-from rankcut.model.forward import device_of, eval_mode
+from rankcut.model.forward import device_of, eval_mode, shapes_only
 from rankcut.model.layers import LowRank, current_rank, fan_in, out_width
 
 
@@ -41,20 +40,9 @@ def count_macs(model: nn.Module, contract: InputContract) -> tuple[int, dict[str
     The pass runs on fake tensors (shapes only); a model whose forward needs real values (data-dependent
     control flow) is counted with a real pass instead.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415 (heavy, and only needed here)
-
     shape = (1, *contract.shape)
     device = device_of(model)
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # a failing fake op logs its traceback; the real pass reports the error
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            counter = _counted(model, lambda: torch.zeros(shape, device=device))
-    except Exception:  # noqa: BLE001 - any failure of the fake pass: count with real tensors (and real errors)
-        counter = _counted(model, lambda: torch.zeros(shape, device=device))
-    finally:
-        quiet.setLevel(level)
+    counter = shapes_only(lambda: _counted(model, lambda: torch.zeros(shape, device=device)))
     leaves = {name for name, m in model.named_modules() if not list(m.children())}
     per_layer = {}
     for key, ops in counter.get_flop_counts().items():

@@ -14,7 +14,8 @@ from typing import ClassVar
 from torch import nn
 
 from rankcut.errors import RankcutError
-from rankcut.model.layers import LowRank, empty_pair, fold_batchnorm, is_target_type, out_width
+from rankcut.model.attention import split
+from rankcut.model.layers import LowRank, empty_pair, fold_batchnorm, is_target_type, out_width, plain_batchnorm
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -43,7 +44,7 @@ class FoldBatchNorm:
 
     def apply(self, model: nn.Module) -> None:
         layer, bn = get_module(model, self.layer), get_module(model, self.bn)
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or not plain_batchnorm(bn):
             raise RankcutError(f"cannot fold {self.bn} into {self.layer}: expected a conv/linear and a BatchNorm")
         if bn.num_features != layer.weight.shape[0]:
             raise RankcutError(f"cannot fold {self.bn} into {self.layer}: channel counts differ")
@@ -68,8 +69,25 @@ class LowRankPair:
         set_module(model, self.layer, empty_pair(layer, self.rank))
 
 
-KINDS = {cls.kind: cls for cls in (FoldBatchNorm, LowRankPair)}
-Edit = FoldBatchNorm | LowRankPair
+@dataclass(frozen=True)
+class SplitMultiheadAttention:
+    """Replace the self-attention ``nn.MultiheadAttention`` ``layer`` by an equal ``SplitAttention``.
+
+    Its query/key/value projection (``qkv``) and ``out_proj`` become linear modules a hook can observe.
+    """
+
+    kind: ClassVar[str] = "split_attention"
+    layer: str
+
+    def apply(self, model: nn.Module) -> None:
+        module = get_module(model, self.layer)
+        if not isinstance(module, nn.MultiheadAttention):
+            raise RankcutError(f"cannot split {self.layer}: {type(module).__name__} is not an nn.MultiheadAttention")
+        set_module(model, self.layer, split(module))
+
+
+KINDS = {cls.kind: cls for cls in (FoldBatchNorm, LowRankPair, SplitMultiheadAttention)}
+Edit = FoldBatchNorm | LowRankPair | SplitMultiheadAttention
 
 
 def edit_to_dict(edit: Edit) -> dict:

@@ -48,6 +48,25 @@ def fan_in(layer: nn.Module) -> int:
     return input_side(layer).weight[0].numel()
 
 
+def channels_last(layer: nn.Module) -> bool:
+    """True when the target's outputs hold channels on the last axis (a linear), False for axis 1 (a conv).
+
+    A linear acts on the last axis whatever the tensor's rank, so every leading axis of its output is a
+    sample position, as the spatial axes are for a conv.
+    """
+    return isinstance(input_side(layer), nn.Linear)
+
+
+def plain_batchnorm(module: nn.Module) -> bool:
+    """True for a BatchNorm whose forward is torch's own: only that one can be folded into a layer.
+
+    Subclasses that change the forward (timm's ``BatchNormAct2d`` applies its activation inside) would
+    lose that extra work if folded and replaced by an identity.
+    """
+    base = nn.modules.batchnorm._BatchNorm
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
 def out_width(layer: nn.Module) -> int:
     """Number of output channels (features) of a target layer or pair."""
     return (layer.up if isinstance(layer, LowRank) else layer).weight.shape[0]

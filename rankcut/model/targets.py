@@ -18,8 +18,8 @@ from torch import nn
 
 from rankcut.errors import RankcutError, RankcutWarning
 from rankcut.model.contract import InputContract
-from rankcut.model.forward import probe
-from rankcut.model.layers import LowRank, is_target_type, out_width
+from rankcut.model.forward import probe, shapes_only
+from rankcut.model.layers import LowRank, channels_last, is_target_type, out_width, plain_batchnorm
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,14 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
 
 def trace(model: nn.Module, contract: InputContract) -> tuple[list[Target], str | None]:
     """All candidate targets in call order, and the name of the one producing the model's output."""
+    targets, final, _ = _traced(model, contract)
+    return targets, final
+
+
+def _traced(model: nn.Module, contract: InputContract) -> tuple[list[Target], str | None, dict[str, int]]:
+    """``trace``, and how many times each candidate layer was called in the pass."""
     candidates = _candidates(model)
-    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    bns = {n: m for n, m in model.named_modules() if plain_batchnorm(m)}
     outputs: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {}
     follows: dict[str, str] = {}
@@ -65,20 +71,27 @@ def trace(model: nn.Module, contract: InputContract) -> tuple[list[Target], str 
     def on_bn(name):
         def hook(_, inputs, __):
             for layer, out in outputs.items():
-                if inputs and inputs[0] is out and bns[name].num_features == out_width(candidates[layer]):
+                # A BatchNorm normalises axis 1: it follows a linear only on (N, C) outputs.
+                if (inputs and inputs[0] is out and bns[name].num_features == out_width(candidates[layer])
+                        and (out.dim() == 2 or not channels_last(candidates[layer]))):
                     follows[layer] = name if layer not in follows else ""
         return hook
+
+    def run():
+        for found in (outputs, calls, follows):  # a failed pass on fake tensors may have left some
+            found.clear()
+        return probe(model, contract.shape)
 
     try:
         handles += [candidates[n].register_forward_hook(on_layer(n)) for n in candidates]
         handles += [bns[n].register_forward_hook(on_bn(n)) for n in bns]
-        result = probe(model, contract.shape)
+        result = shapes_only(run)
     finally:
         for h in handles:
             h.remove()
     called = [n for n in outputs if calls[n] == 1]
     final = next((n for n in called if outputs[n] is result), called[-1] if called else None)
-    return [Target(n, follows.get(n) or None) for n in called], final
+    return [Target(n, follows.get(n) or None) for n in called], final, calls
 
 
 def match(names: list[str], layers: list[str] | None, exclude: list[str] | None, what: str,
@@ -124,3 +137,38 @@ def warn_output_layer(chosen: list[Target], final: str | None) -> None:
 
 def _preview(names: list[str]) -> str:
     return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+
+
+def untargeted(model: nn.Module, contract: InputContract) -> dict[str, str]:
+    """Every layer with weights that is not a default target, by name, with one line saying why.
+
+    ``info`` and ``stats`` list these, so nothing is skipped silently: layers whose weights are used
+    functionally (no hook can see their outputs), layers called more than once, grouped and depthwise
+    convolutions (they stay whole), fused attention, other layer types, and the output layer.
+    """
+    candidates = _candidates(model)
+    inside = tuple(f"{n}." for n, m in candidates.items() if isinstance(m, LowRank))
+    modules = {n: m for n, m in model.named_modules() if n and not n.startswith(inside)}
+    _, final, counted = _traced(model, contract)
+    calls = {n: counted.get(n, 0) for n in candidates}
+    notes = {}
+    for name, module in modules.items():
+        parent = type(model.get_submodule(name.rpartition(".")[0])).__name__ if "." in name else type(model).__name__
+        if isinstance(module, nn.MultiheadAttention):
+            notes[name] = ("not a target: nn.MultiheadAttention keeps query/key/value in the bare parameter "
+                           "in_proj_weight and calls out_proj functionally (rankcut init splits self-attention "
+                           "into linear qkv and out_proj; this one is not self-attention as called, or was not "
+                           "made by rankcut init)")
+        elif name in candidates and calls[name] == 0:
+            notes[name] = (f"not a target: never called as a module ({parent} uses its weights directly), so its "
+                           "outputs cannot be observed or replaced")
+        elif name in candidates and calls[name] > 1:
+            notes[name] = f"not a target: called {calls[name]} times per forward pass (its weights are shared)"
+        elif name == final:
+            notes[name] = "the output layer: a target only when --layers names it"
+        elif isinstance(module, nn.Conv2d) and module.groups > 1:
+            kind = "depthwise" if module.groups == module.in_channels else "grouped"
+            notes[name] = f"stays whole: {kind} convolution (groups={module.groups}); a pair needs groups=1"
+        elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
+            notes[name] = f"not a target: {type(module).__name__} (targets are Conv2d and Linear)"
+    return notes

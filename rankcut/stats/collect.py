@@ -14,6 +14,7 @@ from torch import nn
 
 from rankcut.dist import Context
 from rankcut.errors import RankcutError
+from rankcut.model.layers import channels_last
 from rankcut.model.targets import Target
 from rankcut.stats.moments import GradientSums, Moments, ShiftedSums
 
@@ -38,7 +39,7 @@ def hooks(model: nn.Module, names: dict[str, str], fn) -> Iterator[None]:
 def collect_moments(model: nn.Module, targets: list[Target], batches, ctx: Context,
                     advance=lambda: None) -> dict[str, Moments]:
     """Output moments of every target over all ``batches``, in one forward pass per batch."""
-    acc = {t.name: ShiftedSums() for t in targets}
+    acc = {t.name: ShiftedSums(channels_last(model.get_submodule(t.name))) for t in targets}
 
     def observe(layer, out):
         acc[layer].add(out.detach())
@@ -107,7 +108,8 @@ def collect_gradients(model: nn.Module, targets: list[Target], batches, moments:
         raise RankcutError(f"--grad must be one of {', '.join(LOSSES)}, got {loss!r}")
     if probes < 1:
         raise RankcutError("--probes must be at least 1")
-    acc = {t.name: GradientSums(moments[t.name].mean.to(ctx.device)) for t in targets}
+    acc = {t.name: GradientSums(moments[t.name].mean.to(ctx.device), channels_last(model.get_submodule(t.name)))
+           for t in targets}
     captured: dict[str, torch.Tensor] = {}
 
     def capture(layer, out):

@@ -3,6 +3,10 @@
 Per layer: the sample count, mean and centred scatter matrix (``m2``) of the output channels, in float64,
 merged by the parallel-axis formula, so shards, files and processes combine exactly; and, with gradient
 statistics, the probe sums of ``GradientSums``. Only sums are kept, never activations.
+
+Where the channels are is a property of the target's type (``layers.channels_last``): axis 1 for a conv
+(``(N, C, *spatial)``), the last axis for a linear (``(N, *positions, C)``, e.g. channels-last blocks and
+token sequences).
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ class Moments:
         return cls(0.0, torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, channels, dtype=torch.float64))
 
     @classmethod
-    def of(cls, out: torch.Tensor) -> "Moments":
-        """The moments of one layer output (N, C, *spatial): every sample and position is an observation."""
-        acc = ShiftedSums()
+    def of(cls, out: torch.Tensor, last: bool = False) -> "Moments":
+        """The moments of one layer output, (N, C, *spatial) or with ``last`` (N, *positions, C).
+
+        Every sample and position is an observation.
+        """
+        acc = ShiftedSums(last)
         acc.add(out)
         return acc.moments()
 
@@ -63,9 +70,21 @@ class Moments:
         return Moments(total.item(), mean, m2)
 
 
-def _observations(out: torch.Tensor) -> torch.Tensor:
-    """A layer output as (N, C, positions) without copying."""
-    return out.reshape(out.shape[0], out.shape[1], -1)
+def _observations(out: torch.Tensor, last: bool) -> torch.Tensor:
+    """A layer output as (N, C, positions), a view where the layout allows.
+
+    ``last``: channels on the last axis, every other axis after the first a position.
+    """
+    if last:
+        return out.reshape(out.shape[0], -1, out.shape[-1]).transpose(1, 2)
+    return out.reshape(out.shape[0], out.shape[1], -1) if out.dim() > 2 else out[:, :, None]
+
+
+def _rows(out: torch.Tensor, last: bool) -> torch.Tensor:
+    """A layer output as (observations, C, 1): for channels-last outputs every leading position is a row."""
+    if last:
+        return out.reshape(-1, out.shape[-1])[:, :, None]
+    return _observations(out, False)
 
 
 class ShiftedSums:
@@ -76,14 +95,15 @@ class ShiftedSums:
     subtraction, one batched matrix product and one sum over the activations.
     """
 
-    def __init__(self):
+    def __init__(self, last: bool = False):
+        self.last = last
         self.shift: torch.Tensor | None = None
         self.count = 0
         self.first: torch.Tensor | None = None
         self.second: torch.Tensor | None = None
 
     def add(self, out: torch.Tensor) -> None:
-        x = _observations(out[:, :, None] if out.dim() == 2 else out)
+        x = _rows(out, self.last)
         if self.shift is None:
             self.shift = x.mean((0, 2), keepdim=True)
             self.first = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
@@ -115,16 +135,17 @@ class GradientSums:
     out of the layer (to second order); ``grad_m2 / grad_count`` is the output-gradient covariance G.
     """
 
-    def __init__(self, mean: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, last: bool = False):
         c = len(mean)
         self.mean = mean
+        self.last = last
         self.count = 0.0
         self.hessian = torch.zeros(c, c, dtype=torch.float64, device=mean.device)
         self.grad_m2 = torch.zeros(c, c, dtype=torch.float64, device=mean.device)
 
     def add(self, out: torch.Tensor, grad: torch.Tensor) -> None:
-        z = _observations(out[:, :, None] if out.dim() == 2 else out) - self.mean.to(out.dtype)[None, :, None]
-        g = _observations(grad[:, :, None] if grad.dim() == 2 else grad)
+        z = _observations(out, self.last) - self.mean.to(out.dtype)[None, :, None]
+        g = _observations(grad, self.last)
         s = torch.bmm(g, z.transpose(1, 2))
         sym = (s + s.transpose(1, 2)).flatten(0, 1) / 2  # rows of every sample's sym(S), stacked
         self.hessian += (sym.T @ sym).double()
