@@ -21,3 +21,6 @@ Data = Annotated[str, typer.Option("--data", "-d", help=(
 Samples = Annotated[Optional[int], typer.Option("--samples", "-n", help="Use a seeded random subset of N samples.")]
 Layers = Annotated[Optional[list[str]], typer.Option("--layers", help="Glob over layer names to include (repeatable).")]
 Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob over layer names to exclude (repeatable).")]
+Structure = Annotated[str, typer.Option("--structure", help=(
+    "pair: rank-k pairs (the default); channels: remove channels of producer -> consumer chains, refitting the "
+    "consumer by least squares (stats --structure channels gathers the statistics it needs)."))]

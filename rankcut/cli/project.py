@@ -21,7 +21,9 @@ from rankcut.compress.methods import DATA_FREE, METHODS
 from rankcut.compress.project import LayerReport, layer_cost, project_model
 from rankcut.files.statsfile import StatsFile, check_fits, load_stats
 from rankcut.model.targets import Target, select
-from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed
+from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed, Structure
+from rankcut.cli.project_channels import project_channels
+from rankcut.model.graph import check_structure
 
 
 def _stats_targets(stats: StatsFile, layers: list[str] | None, exclude: list[str] | None, path: str) -> list[Target]:
@@ -110,6 +112,7 @@ def project(
         "Like --macs, for the fraction of the input's total parameters."))] = None,
     layers: Layers = None,
     exclude: Exclude = None,
+    structure: Structure = "pair",
     damping: Annotated[float, typer.Option("--damping", help="fisher: damping of G, relative to its mean eigenvalue.")] = 1e-3,
     seed: Seed = 0,
     force: Force = False,
@@ -121,6 +124,9 @@ def project(
     How much to keep: --keep F (every layer the same fraction of its rank), or a global budget, --macs F or
     --params F (a fraction of the input checkpoint's totals, the whole model counted), spent where the
     method predicts the least loss per MAC or parameter saved.
+
+    --structure channels removes channels instead: each producer -> consumer chain keeps the channels that
+    best predict the others by least squares, and the consumer is refitted (no layer is added).
     """
     report = Reporter(quiet, json_out)
     if method not in METHODS:
@@ -132,14 +138,19 @@ def project(
         raise RankcutError(NO_LOSS)
     if damping < 0:
         raise RankcutError("--damping must be non-negative")
+    check_structure(structure)
     check_output(output, [checkpoint, stats_path], force)
     model, meta = load_with_meta(checkpoint)
-    if stats_path is None and method not in DATA_FREE:
-        raise RankcutError(f"--method {method} needs --stats (make them with: rankcut stats {checkpoint} --data D -o S.npz)")
+    if stats_path is None and (method not in DATA_FREE or structure == "channels"):
+        needs = "--structure channels" if structure == "channels" else f"--method {method}"
+        raise RankcutError(f"{needs} needs --stats (make them with: rankcut stats {checkpoint} --data D -o S.npz)")
     if stats_path is not None:
         stats = load_stats(stats_path)
         _check_stats(stats, checkpoint, stats_path)
         check_fits(stats, model, meta.input, stats_path)
+        if structure == "channels":  # its own pipeline: rankcut/cli/project_channels.py
+            return project_channels(model, meta, stats, checkpoint=checkpoint, stats_path=stats_path, output=output,
+                                    keep=keep, budget=budget, layers=layers, exclude=exclude, report=report)
         targets, layer_stats = _stats_targets(stats, layers, exclude, stats_path), stats.layers
     else:
         targets, layer_stats = select(model, meta.input, layers, exclude), {}

@@ -15,6 +15,7 @@ recovered from metadata. Shapes come from ``ShapeProp`` on one zero input of the
 
 from __future__ import annotations
 
+import fnmatch
 import operator
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ ELEMENTWISE_METHODS = {"relu", "relu_", "contiguous"}
 SHAPE_ONLY_METHODS = {"size", "dim"}
 RESIDUAL = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
 SPATIAL_MEANS = ({2, 3}, {-2, -1})
+STRUCTURES = ("pair", "channels")
 
 
 @dataclass(frozen=True)
@@ -229,3 +231,14 @@ def _consumer(start: fx.Node, node: fx.Node, module: nn.Module, channels: int, c
     for d in (out or (1, 1, 1, 1))[2:]:
         positions *= d
     return Chain(start.target, node.target, carried, channels, 1, positions)
+
+
+def check_structure(structure: str) -> None:
+    if structure not in STRUCTURES:
+        raise RankcutError(f"--structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
+
+
+def select_chains(chains: list[Chain], layers: list[str] | None, exclude: list[str] | None) -> list[Chain]:
+    """The chains whose producer matches the ``--layers`` globs (default all) and no ``--exclude`` glob."""
+    return [c for c in chains if any(fnmatch.fnmatchcase(c.producer, p) for p in layers or ["*"])
+            and not any(fnmatch.fnmatchcase(c.producer, p) for p in exclude or [])]
