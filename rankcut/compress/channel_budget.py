@@ -4,7 +4,7 @@ Pruning chain X to k_X channels scales: X's producer's outputs, its carried modu
 depthwise conv) and its consumer's inputs. A layer can be the consumer of one chain and the producer of the
 next (``conv2`` in ``conv1 -> conv2 -> fc1``), so its cost is ``k_in * k_out * (cost per in/out pair)``.
 MACs come from the ``count_macs`` table scaled by those ratios (exact integers: a conv's count is a
-multiple of its in x out channels); parameters from the shapes. A consumer always gains a bias.
+multiple of its in x out channels); parameters from the shapes. A pruned consumer gains a bias.
 
 For a budget each module's cost is charged to one chain (the chain whose consumer it is, else whose
 producer or carried module it is), priced at the other chains' current widths. Widths only shrink, so
@@ -63,7 +63,7 @@ def module_cost(module: nn.Module, name: str, touch: Touch, widths: dict[str, in
         return macs, params
     weight = module.weight.numel() * k_out * k_in // (c_out * c_in)
     outputs = module.weight.shape[0] * k_out // c_out
-    has_bias = module.bias is not None or touch.in_of is not None
+    has_bias = module.bias is not None or k_in < c_in  # a pruned consumer gains a bias
     return macs, weight + (outputs if has_bias else 0)
 
 

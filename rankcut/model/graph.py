@@ -74,12 +74,15 @@ def trace_graph(model: nn.Module, contract: InputContract) -> fx.GraphModule:
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise RankcutError(f"--structure channels needs a model torch.fx can trace, and this one cannot be traced "
                            f"({type(e).__name__}: {first}); --structure pair still works on it") from None
-    device = next(model.parameters()).device
+    first = next(model.parameters())
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(1, *contract.shape, device=device))
+            ShapeProp(gm).propagate(torch.zeros(1, *contract.shape, device=first.device, dtype=first.dtype))
+    except RuntimeError as e:
+        raise RankcutError(f"the traced model cannot run on its input {contract.shape}: "
+                           f"{(str(e).splitlines() or [''])[0][:160]}") from None
     finally:
         model.train(was_training)
     return gm
