@@ -40,7 +40,8 @@ def test_resnet18_counts(run_cli, tmp_path):
     assert info["params"] == 11_689_512
     assert info["macs"] == 1_814_073_344
     fc = [row for row in info["layers"] if row["name"] == "fc"]
-    assert fc == [{"name": "fc", "type": "Linear", "shape": [[1000, 512]], "rank": None, "macs": 512_000}]
+    assert fc == [{"name": "fc", "type": "Linear", "shape": [[1000, 512]], "rank": None, "macs": 512_000,
+                   "structure": "whole", "width": 1000}]
     assert sum(row["macs"] for row in info["layers"]) <= info["macs"]
 
     table = run_cli(["info", path])
