@@ -160,74 +160,81 @@ def find_chains(model: nn.Module, contract: InputContract) -> tuple[list[Chain],
 
 
 def _follow(start: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> Chain | str:
-    """Walk forward from a producer node to its consumer: the chain, or why there is none."""
+    """Walk forward from a producer node to its consumer: the chain, or why there is none.
+
+    The channels sit on dim 1 of a conv producer's output until a flatten (or spatial mean) moves them to the
+    last axis, where a Linear producer's are from the start; only a Linear consumes them there.
+    """
     name = start.target
     if calls[name] > 1:
         return f"it is called {calls[name]} times in one forward pass (shared weights)"
     channels = modules[name].weight.shape[0]
-    carried, flat_block, node = [], None, start
+    last = isinstance(modules[name], nn.Linear)
+    carried, block, node = [], 1, start
     while True:
         users = _users(node)
         if len(users) != 1:
             what = "its output is not used" if not users else (
                 f"its output has {len(users)} users ({', '.join(u.name for u in users[:4])})")
             return what if node is start else what.replace("its output", f"the output of {node.name}")
+        flat = len(_shape(node) or ()) == 2  # (N, C): dim 1 is also the last axis
         node = users[0]
         if node.op == "call_module":
             module = modules[node.target]
             if calls[node.target] > 1 and any(True for _ in module.parameters()):
                 return f"{node.target} on its path is called {calls[node.target]} times (shared weights)"
             if is_plain(module):
-                return _consumer(start, node, module, channels, tuple(carried), flat_block)
-            if flat_block is None and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                return _consumer(start, node, module, channels, tuple(carried), block, last)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (not last or flat):
                 if module.num_features != channels:
                     return f"{node.target} has {module.num_features} features, not {channels}"
                 carried.append(node.target)
-            elif flat_block is None and is_depthwise(module):
+            elif not last and is_depthwise(module):
                 if module.in_channels != channels:
                     return f"depthwise {node.target} has {module.in_channels} channels, not {channels}"
                 carried.append(node.target)
-            elif isinstance(module, nn.PReLU):
-                if module.num_parameters not in (1, channels) or (flat_block and module.num_parameters > 1):
+            elif isinstance(module, nn.PReLU) and (module.num_parameters == 1 or not last or flat):
+                if module.num_parameters not in (1, channels) or (block > 1 and module.num_parameters > 1):
                     return f"{node.target} has {module.num_parameters} parameters for {channels} channels"
                 if module.num_parameters > 1:
                     carried.append(node.target)
-            elif isinstance(module, ACTIVATIONS) or flat_block is None and isinstance(module, POOLS):
+            elif isinstance(module, ACTIVATIONS) and not isinstance(module, nn.PReLU) or not last and isinstance(module, POOLS):
                 pass
             else:
-                return f"its output reaches {node.target} ({type(module).__name__}), which is not channel-wise"
+                return f"its output reaches {node.target} ({type(module).__name__}), which is not channel-wise here"
         elif node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS:
             pass
         elif node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
             pass
-        elif flat_block is None and (node.op == "call_function" and node.target in POOL_FUNCTIONS):
+        elif not last and (node.op == "call_function" and node.target in POOL_FUNCTIONS):
             pass
-        elif flat_block is None and _is_spatial_mean(node):
-            flat_block = 1 if len(_shape(node) or ()) == 2 else None
-        elif flat_block is None and _is_flatten(node):
+        elif not last and _is_spatial_mean(node):
+            last = len(_shape(node) or ()) == 2  # keepdim=True leaves (N, C, 1, 1)
+        elif not last and _is_flatten(node):
             before = _shape(node.args[0])
             if before is None or len(before) < 2 or before[1] != channels:
                 return f"{node.name} flattens a tensor whose dimension 1 is not the {channels} channels"
-            flat_block = 1
+            last = True
             for d in before[2:]:
-                flat_block *= d
+                block *= d
         else:
             return _why_not(node)
 
 
 def _consumer(start: fx.Node, node: fx.Node, module: nn.Module, channels: int, carried: tuple[str, ...],
-              flat_block: int | None) -> Chain | str:
+              block: int, last: bool) -> Chain | str:
     out = _shape(node)
     if isinstance(module, nn.Linear):
-        block = flat_block or 1
+        if not last:
+            return f"consumer {node.target} is a Linear applied to the last axis of a map whose channels are on dim 1"
         if module.in_features != channels * block:
             return f"consumer {node.target} has {module.in_features} inputs, not {channels} channels x {block}"
         positions = 1
         for d in (out or (1, 1))[1:-1]:  # a Linear applied to (N, ..., features) runs once per leading position
             positions *= d
         return Chain(start.target, node.target, carried, channels, block, positions)
-    if flat_block is not None:
-        return f"consumer {node.target} is a convolution after a flatten"
+    if last:
+        return f"consumer {node.target} is a convolution of a tensor whose channels are on its last axis"
     if module.in_channels != channels:
         return f"consumer {node.target} has {module.in_channels} input channels, not {channels}"
     positions = 1

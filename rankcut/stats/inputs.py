@@ -2,9 +2,9 @@
 
 ``observe_inputs`` installs a forward pre-hook on every consumer while another collector (``collect_moments``)
 runs the batches, so both share one pass. The accumulators are ``collect.ShiftedSums``: float64, exact to
-merge, all-reduced under torchrun like the output moments. A Linear consumer after a flatten sees
-(N, C*block) inputs; they are read as (N, C, block), so its moments are per channel over the block's
-positions, the same way a conv consumer's are over its input positions.
+merge, all-reduced under torchrun like the output moments. A Linear consumer sees its channels on the
+last axis: (N, ..., C) is read as (N * positions, C), and after a flatten (N, C*block) as (N, C, block),
+so its moments are per channel over the block's positions, as a conv consumer's are over its input positions.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def observe_inputs(model: nn.Module, chains: list[Chain]) -> Iterator[dict[str, 
     def hook(chain: Chain):
         def pre(_, inputs):
             x = inputs[0].detach()
-            if chain.block > 1:
-                x = x.reshape(x.shape[0], chain.channels, chain.block)
+            if isinstance(model.get_submodule(chain.consumer), nn.Linear):
+                x = x.reshape(-1, chain.channels, chain.block) if chain.block > 1 else x.reshape(-1, chain.channels)
             sums = acc[chain.producer]
             sums.add(x)
             if not sums.finite():
