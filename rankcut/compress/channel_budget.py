@@ -9,7 +9,8 @@ multiple of its in x out channels); parameters from the shapes. A pruned consume
 For a budget each module's cost is charged to one chain (the chain whose consumer it is, else whose
 producer or carried module it is), priced at the other chains' current widths. Widths only shrink, so
 pricing at full widths never undercounts: the first allocation always fits. A few rounds then re-price
-at the chosen widths, and the best allocation whose exact total fits is kept.
+at the chosen widths, the best allocation whose exact total fits is kept, and a greedy fill widens chains
+one channel at a time (exact costs) while the budget allows.
 """
 
 from __future__ import annotations
@@ -127,4 +128,23 @@ def plan_widths(model: nn.Module, chains: list[Chain], losses: dict[str, np.ndar
         widths = chosen
     if best is None:
         raise RankcutError(f"no allocation of channels fits the budget of {budget:,} {kind}")
-    return best[1], best[2]
+    return _fill(model, chains, losses, best[1], best[2], fixed, budget, index, per_layer_macs)
+
+
+def _fill(model, chains: list[Chain], losses: dict[str, np.ndarray], widths: dict[str, int], total: int, fixed: int,
+          budget: int, index: int, per_layer_macs: dict[str, int]) -> tuple[dict[str, int], int]:
+    """Spend what the allocation left: widen by one channel the chain that buys the most loss per unit, at exact cost."""
+    while True:
+        best = None
+        for c in chains:
+            k = widths[c.producer]
+            gain = float(losses[c.producer][k] - losses[c.producer][k + 1]) if k < c.channels else 0.0
+            if gain <= 0:
+                continue
+            trial = {**widths, c.producer: k + 1}
+            cost = fixed + resized_cost(model, chains, trial, per_layer_macs)[index]
+            if cost <= budget and (best is None or gain / max(cost - total, 1) > best[0]):
+                best = (gain / max(cost - total, 1), trial, cost)
+        if best is None:
+            return widths, total
+        _, widths, total = best
