@@ -246,6 +246,9 @@ def test_cli_channels_pipeline_budget_and_old_stats(tmp_path, mnist_ckpt, run_cl
     message = run_cli(["project", mnist_ckpt, "--stats", old, "--structure", "channels", "--keep", "0.5",
                        "-o", tmp_path / "p.safetensors"], fails=True).message
     assert "no channel statistics" in message and "--structure channels" in message
+    message = run_cli(["project", mnist_ckpt, "--stats", new, "--structure", "channels", "--keep", "0.5",
+                       "--layers", "conv9", "-o", tmp_path / "p.safetensors"], fails=True).message
+    assert "'conv9' matches no conv or linear layer" in message
     out = tmp_path / "budget.safetensors"
     result = run_cli(["project", mnist_ckpt, "--stats", new, "--structure", "channels", "--macs", "0.3", "-o", out,
                       "--json"]).data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import numpy as np
 import torch
 from rich.table import Table
@@ -27,6 +29,11 @@ def _fitting_chains(model: nn.Module, meta: CheckpointMeta, stats: StatsFile, st
         raise RankcutError(f"{stats_path} holds no channel statistics; make them with: rankcut stats {checkpoint} "
                            "--data D --structure channels -o S.npz")
     chains, refused = find_chains(model, meta.input)
+    names = [c.producer for c in chains] + list(refused)
+    for pattern in (layers or []) + (exclude or []):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise RankcutError(f"{pattern!r} matches no conv or linear layer (they are: {', '.join(names[:6])}"
+                               f"{', ...' if len(names) > 6 else ''})")
     chosen = []
     for chain in select_chains(chains, layers, exclude):
         measured = stats.chains.get(chain.producer)
