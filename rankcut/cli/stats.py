@@ -57,7 +57,8 @@ def summary(stats: StatsFile, title: str) -> tuple[dict, Table]:
         rows.append(row)
         table.add_row(name, s.target.capture, str(s.channels), f"{row['positions']:,}",
                       *(str(row[f"rank_{int(f * 100)}"]) for f in LEVELS), spectrum(values))
-    data = {"checkpoint": stats.checkpoint, "samples": stats.samples, "loss": stats.loss, "layers": rows, **stats.info}
+    data = {"checkpoint": stats.checkpoint, "samples": stats.samples, "loss": stats.loss, "layers": rows,
+            "chains": [c.chain.to_dict() for c in stats.chains.values()], **stats.info}
     return data, table
 
 
