@@ -25,7 +25,7 @@ from rankcut.dist import Context
 from rankcut.run.latency import measure_latency
 from rankcut.model.cost import count_macs
 from rankcut.compress.project import project_model
-from rankcut.files.statsfile import LayerStats
+from rankcut.stats.moments import LayerStats
 from rankcut.stats.collect import collect_moments
 from rankcut.model.targets import select
 

@@ -21,6 +21,7 @@ from rankcut import dist
 from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budget, ranks_from_keep
 from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
 from rankcut.compress.project import LayerReport, project_model
+from rankcut.compress.prune import PruneResult, prune_model
 from rankcut.compress.timed import latency_total, never_faster, slower_pairs, timed_options
 from rankcut.errors import RankcutError
 from rankcut.files.profilefile import Profile
@@ -28,20 +29,23 @@ from rankcut.files.statsfile import StatsFile, check_fits
 from rankcut.model.contract import InputContract
 from rankcut.model.cost import count_macs, count_params, target_cost
 from rankcut.model.edits import Edit, get_module
+from rankcut.model.graph import check_structure, find_chains, select_chains
 from rankcut.model.layers import LowRank, current_rank, max_rank
 from rankcut.model.targets import Target, match, select, trace, untargeted, warn_output_layer
 from rankcut.run.data import loader, shard
 from rankcut.run.evaluate import evaluate_many
 from rankcut.run.latency import RUNTIMES, compare_runtime
 from rankcut.stats.collect import LOSSES, collect_gradients, collect_moments
-from rankcut.stats.moments import LayerStats
+from rankcut.stats.inputs import input_moments, observe_inputs
+from rankcut.stats.moments import ChainStats, LayerStats
 
 # ---------------------------------------------------------------------------------------------- statistics
 
 
 @dataclass(frozen=True)
 class StatsConfig:
-    """What ``collect_stats`` gathers: output moments always; probe-gradient statistics with ``grad``."""
+    """What ``collect_stats`` gathers: output moments always; probe-gradient statistics with ``grad``; with
+    ``structure="channels"`` also the input moments of every chain consumer (``project --structure channels``)."""
 
     grad: str | None = None
     probes: int = 1
@@ -50,8 +54,10 @@ class StatsConfig:
     batch_size: int = 64
     workers: int = 0
     seed: int = 0
+    structure: str = "pair"
 
     def __post_init__(self):
+        check_structure(self.structure)
         if self.grad is not None and self.grad not in LOSSES:
             raise RankcutError(f"--grad must be one of {', '.join(LOSSES)}, got {self.grad!r}")
         if self.probes < 1:
@@ -84,7 +90,12 @@ def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, c
         task = progress.add_task(name, total=len(batches), info="")
         return lambda: progress.advance(task)
 
-    moments = collect_moments(model, targets, batches, ctx, stage("moments"))
+    chains = [] if config.structure == "pair" else select_chains(find_chains(model, contract)[0],
+                                                                  list(config.layers or []) or None,
+                                                                  list(config.exclude or []) or None)
+    with observe_inputs(model, chains) as chain_sums:
+        moments = collect_moments(model, targets, batches, ctx, stage("moments"))
+    chain_moments = input_moments(chain_sums, chains, ctx)
     gradients = {}
     if config.grad is not None:
         gradients = collect_gradients(model, targets, batches, moments, config.grad, config.probes, config.seed,
@@ -92,7 +103,8 @@ def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, c
     layers = {t.name: LayerStats(t, moments[t.name], gradients.get(t.name, {})) for t in targets}
     extra = {**(info or {}), "seed": config.seed, **({"probes": config.probes} if config.grad else {}),
              "not_targets": untargeted(model, contract)}
-    return StatsFile(checkpoint, len(dataset), layers, loss=config.grad, info=extra)
+    chain_stats = {c.producer: ChainStats(c, chain_moments[c.producer]) for c in chains}
+    return StatsFile(checkpoint, len(dataset), layers, loss=config.grad, info=extra, chains=chain_stats)
 
 
 def rank_limits(model: nn.Module, stats: StatsFile) -> dict[str, int]:
@@ -122,6 +134,8 @@ class ProjectConfig:
     """How ``project`` rank-reduces: the method, and how much to keep (``keep`` or a ``budget``, not both).
 
     ``damping`` is fisher's option (None: its default); ``seed`` seeds methods that draw (random).
+    ``structure`` is ``pair`` (rank-k pairs, by ``method``) or ``channels`` (channels removed from
+    producer -> consumer chains and the consumer refitted; ``method`` is not used).
     """
 
     method: str = "pca"
@@ -131,8 +145,10 @@ class ProjectConfig:
     exclude: tuple[str, ...] | None = None
     damping: float | None = None
     seed: int = 0
+    structure: str = "pair"
 
     def __post_init__(self):
+        check_structure(self.structure)
         method = get_method(self.method)
         if self.keep is None and self.budget is None:
             raise RankcutError("say how much to keep: --keep F, --macs F, --params F or --latency F")
@@ -140,7 +156,10 @@ class ProjectConfig:
             raise RankcutError(f"--keep and --{self.budget.kind} are alternatives: give one")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise RankcutError(f"--keep must be in (0, 1], got {self.keep}")
-        if self.budget is not None and method.budget is None:
+        if self.structure == "channels" and self.budget is not None and self.budget.kind == "latency":
+            raise RankcutError("--latency budgets rank-k pairs (the profile times pairs); with --structure channels "
+                               "use --macs or --params")
+        if self.structure == "pair" and self.budget is not None and method.budget is None:
             raise RankcutError(no_loss(method))
         if self.damping is not None:
             if "damping" not in method.options:
@@ -198,12 +217,23 @@ def project_targets(model: nn.Module, contract: InputContract, stats: StatsFile 
 
 
 def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, config: ProjectConfig,
-            where: str = "the statistics", *, profile: Profile | None = None) -> ProjectResult:
+            where: str = "the statistics", *, profile: Profile | None = None) -> ProjectResult | PruneResult:
     """Rank-reduce ``model`` in place as ``config`` says; ``where`` names the statistics in error messages.
 
     With a latency ``profile`` of this model (``rankcut profile``), no layer becomes a pair the profile measured
-    as no faster than the layer, whatever the budget; a ``latency`` budget needs one.
+    as no faster than the layer, whatever the budget; a ``latency`` budget needs one. With
+    ``structure="channels"`` channels are removed instead (``compress.prune``; statistics from
+    ``StatsConfig(structure="channels")``).
     """
+    if config.structure == "channels":
+        if stats is None:
+            raise RankcutError("--structure channels needs --stats (made with: rankcut stats --structure channels)")
+        if profile is not None:
+            raise RankcutError("--profile times rank-k pairs; it does not apply to --structure channels")
+        budget = None if config.budget is None else (config.budget.kind, config.budget.fraction)
+        return prune_model(model, contract, stats, keep=config.keep, budget=budget,
+                           layers=list(config.layers or []) or None, exclude=list(config.exclude or []) or None,
+                           where=where)
     method = config.entry
     if stats is None:
         method.check_stats(None)

@@ -11,7 +11,8 @@ from torch import nn
 from rankcut.files.checkpoint import load_with_meta
 from rankcut.cli.console import Reporter
 from rankcut.errors import RankcutError, one_line
-from rankcut.model.layers import LowRank, is_target_type
+from rankcut.model.edits import ChannelPrune
+from rankcut.model.layers import LowRank, is_target_type, out_width
 from rankcut.model.cost import count_macs, count_params, target_macs
 from rankcut.cli.options import Json, Quiet
 from rankcut.files.fileio import file_digest
@@ -19,10 +20,13 @@ from rankcut.cli.stats import stats_info
 from rankcut.model.targets import untargeted
 
 
-def layer_rows(model: nn.Module, per_layer_macs: dict[str, int], notes: dict[str, str] | None = None) -> list[dict]:
-    """One row per conv/linear layer, rank-k pair or fused attention: name, type, weight shape(s), rank, MACs.
+def layer_rows(model: nn.Module, per_layer_macs: dict[str, int], notes: dict[str, str] | None = None,
+               pruned: set[str] = frozenset()) -> list[dict]:
+    """One row per conv/linear layer, rank-k pair or fused attention: name, type, weight shape(s), rank, MACs,
+    structure (whole, pair, channels) and width.
 
-    ``note`` says why a layer is not a target (``targets.untargeted``), empty for targets.
+    ``note`` says why a layer is not a target (``targets.untargeted``), empty for targets; ``pruned`` names
+    the producers whose channels a ``prune_channels`` edit removed.
     """
     rows = []
     pair_parts = set()
@@ -34,18 +38,21 @@ def layer_rows(model: nn.Module, per_layer_macs: dict[str, int], notes: dict[str
         if not layer:  # listed for its note, e.g. nn.MultiheadAttention (its weight is in_proj_weight)
             shapes = [list(p.shape) for p in module.parameters(recurse=False) if p.dim() > 1]
             rows.append({"name": name, "type": type(module).__name__, "shape": shapes, "rank": None,
-                         "macs": per_layer_macs.get(name, 0), "note": notes[name]})
+                         "macs": per_layer_macs.get(name, 0), "structure": "whole", "width": None,
+                         "note": notes[name]})
             continue
         if isinstance(module, LowRank):
             pair_parts |= {f"{name}.down", f"{name}.up"}
             shape = [list(module.down.weight.shape), list(module.up.weight.shape)]
             rows.append({"name": name, "type": f"LowRank({type(module.down).__name__})", "shape": shape,
                          "rank": module.rank, "macs": target_macs(model, name, per_layer_macs),
-                         "note": notes.get(name, "")})
+                         "structure": "pair", "width": out_width(module), "note": notes.get(name, "")})
         else:
+            width = module.weight.shape[0]
+            structure = "channels" if name in pruned else "whole"
             rows.append({"name": name, "type": type(module).__name__, "shape": [list(module.weight.shape)],
                          "rank": None, "macs": target_macs(model, name, per_layer_macs),
-                         "note": notes.get(name, "")})
+                         "structure": structure, "width": width, "note": notes.get(name, "")})
     return rows
 
 
@@ -56,7 +63,8 @@ def checkpoint_info(path: str, report: Reporter) -> None:
     except RuntimeError as e:  # the recorded input contract does not fit the model
         raise RankcutError(f"{path}: the model cannot run on its recorded input {meta.input.shape}: "
                            f"{one_line(str(e))[:160]}") from None
-    rows = layer_rows(model, per_layer, untargeted(model, meta.input))
+    rows = layer_rows(model, per_layer, untargeted(model, meta.input),
+                      {e.producer for e in meta.edits if isinstance(e, ChannelPrune)})
     data = {"file": path, "sha256": file_digest(path), "arch": meta.arch, "arch_kwargs": meta.arch_kwargs, "input": meta.input.to_dict(),
             "classes": meta.classes, "params": count_params(model), "macs": macs, "layers": rows,
             "edits": [e.kind for e in meta.edits], "history": list(meta.history)}
@@ -68,9 +76,11 @@ def checkpoint_info(path: str, report: Reporter) -> None:
     summary.add_row("params", f"{data['params']:,}")
     summary.add_row("MACs", f"{macs:,} ({macs / 1e9:.3f} G)")
     summary.add_row("edits", f"{len(meta.edits)}")
-    layers = Table("layer", "type", "weight shape", "rank", "MACs", "note", title="layers", title_justify="left")
+    layers = Table("layer", "type", "structure", "width", "weight shape", "rank", "MACs", "note", title="layers",
+                   title_justify="left")
     for r in rows:
-        layers.add_row(r["name"], r["type"], " + ".join("x".join(map(str, s)) for s in r["shape"]),
+        layers.add_row(r["name"], r["type"], r["structure"], "" if r["width"] is None else str(r["width"]),
+                       " + ".join("x".join(map(str, s)) for s in r["shape"]),
                        "" if r["rank"] is None else str(r["rank"]), f"{r['macs']:,}", r["note"])
     history = Table("command", "time", "details", title="history", title_justify="left")
     for h in meta.history:

@@ -32,3 +32,6 @@ Layers = Annotated[Optional[list[str]], typer.Option("--layers", callback=_split
     "Globs over layer names to include (comma-separated or repeated)."))]
 Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", callback=_split_commas, help=(
     "Globs over layer names to exclude (comma-separated or repeated)."))]
+Structure = Annotated[str, typer.Option("--structure", help=(
+    "pair: rank-k pairs (the default); channels: remove channels of producer -> consumer chains, refitting the "
+    "consumer by least squares (stats --structure channels gathers the statistics it needs)."))]

@@ -9,7 +9,8 @@ from rich.table import Table
 
 from rankcut.api import Budget, ProjectConfig, project as project_model
 from rankcut.cli.console import Reporter
-from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed
+from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed, Structure
+from rankcut.cli.tables import channel_table
 from rankcut.compress.methods import METHODS
 from rankcut.errors import RankcutError
 from rankcut.files.checkpoint import load_with_meta, save
@@ -48,6 +49,7 @@ def project(
         "measured as no faster, in every mode; --latency needs it."))] = None,
     layers: Layers = None,
     exclude: Exclude = None,
+    structure: Structure = "pair",
     damping: Annotated[Optional[float], typer.Option("--damping", help="fisher: damping of G, relative to its mean eigenvalue (default 1e-3).")] = None,
     seed: Seed = 0,
     force: Force = False,
@@ -59,15 +61,21 @@ def project(
     How much to keep: --keep F (every layer the same fraction of its rank), or a global budget, --macs F,
     --params F or --latency F (a fraction of the input checkpoint's totals, the whole model counted; latency as
     measured by --profile), spent where the method predicts the least loss per MAC, parameter or nanosecond saved.
+
+    --structure channels removes channels instead: each producer -> consumer chain keeps the channels that
+    best predict the others by least squares, and the consumer is refitted (no layer is added).
     """
     report = Reporter(quiet, json_out)
     config = _config(method, keep, {"macs": macs, "params": params, "latency": latency}, layers=tuple(layers) if layers else None,
-                     exclude=tuple(exclude) if exclude else None, damping=damping, seed=seed)
+                     exclude=tuple(exclude) if exclude else None, damping=damping, seed=seed,
+                     structure=structure)
     check_output(output, [checkpoint, stats_path, profile_path], force)
     if latency is not None and profile_path is None:
         raise RankcutError(f"--latency needs --profile P.json (make one with: rankcut profile {checkpoint} -o P.json)")
-    if stats_path is None and config.entry.needs != "none":
-        raise RankcutError(f"--method {method} needs --stats (make them with: rankcut stats {checkpoint} --data D "
+    if stats_path is None and (config.entry.needs != "none" or structure == "channels"):
+        needs, extra = ("--structure channels", " --structure channels") if structure == "channels" else (
+            f"--method {method}", "")
+        raise RankcutError(f"{needs} needs --stats (make them with: rankcut stats {checkpoint} --data D{extra} "
                            "-o S.npz)")
     model, meta = load_with_meta(checkpoint)
     stats = None
@@ -79,15 +87,16 @@ def project(
         timing = load_profile(profile_path)
         check_profile(timing, checkpoint, profile_path)
     result = project_model(model, meta.input, stats, config, where=stats_path or "the statistics", profile=timing)
-    if result.budget and result.budget["note"]:
+    if structure == "pair" and result.budget and result.budget["note"]:
         report.warn(result.budget["note"])
-    if not result.edits:
+    if structure == "pair" and not result.edits:
         report.warn("no layer changed: at these ranks no pair would save MACs")
     history = {**result.history(), "stats": None if stats_path is None else file_digest(stats_path)[:16],
                **({} if profile_path is None else {"profile": file_digest(profile_path)[:16]})}
     save(model, meta.with_edits(*result.edits).with_history("project", **history), output)
     data = {"output": output, **result.to_dict()}
-    report.result(data, _table(data["layers"], data["totals"], data["budget"]))
+    report.result(data, channel_table(data) if structure == "channels" else
+                  _table(data["layers"], data["totals"], data["budget"]))
 
 
 def _table(rows: list[dict], totals: dict, budget: dict | None) -> Table:

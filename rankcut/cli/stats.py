@@ -10,7 +10,8 @@ from rankcut import dist
 from rankcut.api import StatsConfig, collect_stats, rank_limits
 from rankcut.cli.console import Reporter
 from rankcut.cli.coverage import not_targets_table
-from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet, Samples, Seed, Workers
+from rankcut.cli.options import (BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet,
+                                 Samples, Seed, Structure, Workers)
 from rankcut.cli.tables import stats_summary
 from rankcut.files.checkpoint import load_with_meta
 from rankcut.files.fileio import check_output, file_digest
@@ -28,6 +29,7 @@ def stats(
     grad: Annotated[Optional[str], typer.Option("--grad", help=(
         "Also gather second-order statistics for --method hessian/fisher: kl (no labels needed) or mse."))] = None,
     probes: Annotated[int, typer.Option("--probes", help="Probes (backward passes) per batch with --grad.")] = 1,
+    structure: Structure = "pair",
     batch_size: BatchSize = 64,
     workers: Workers = 0,
     device: Device = "auto",
@@ -39,10 +41,13 @@ def stats(
     """Measure each target layer's output mean and covariance over the data (one forward pass per batch).
 
     With --grad, a second pass adds probe-gradient statistics (one backward pass per batch and probe).
+    With --structure channels, the same first pass also measures the input of every prunable
+    chain's consumer (after the non-linearity), which project --structure channels needs.
     Under torchrun the data is sharded across processes and the sums are combined; rank 0 writes.
     """
     config = StatsConfig(grad=grad, probes=probes, layers=tuple(layers) if layers else None,
-                         exclude=tuple(exclude) if exclude else None, batch_size=batch_size, workers=workers, seed=seed)
+                         exclude=tuple(exclude) if exclude else None, batch_size=batch_size, workers=workers, seed=seed,
+                         structure=structure)
     ctx = dist.setup(device)
     try:
         report = Reporter(quiet, json_out, ctx.primary)

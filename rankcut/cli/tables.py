@@ -36,5 +36,23 @@ def stats_summary(stats: StatsFile, title: str) -> tuple[dict, Table]:
         rows.append(row)
         table.add_row(name, s.target.capture, str(s.channels), f"{row['positions']:,}",
                       *(str(row[f"rank_{int(f * 100)}"]) for f in LEVELS), spectrum(values))
-    data = {**stats.info, "checkpoint": stats.checkpoint, "samples": stats.samples, "loss": stats.loss, "layers": rows}
+    data = {**stats.info, "checkpoint": stats.checkpoint, "samples": stats.samples, "loss": stats.loss, "layers": rows,
+            "chains": [c.chain.to_dict() for c in stats.chains.values()]}
     return data, table
+
+
+def channel_table(data: dict) -> Table:
+    """``project --structure channels``: a row per chain, then the layers left whole and why."""
+    totals = data["totals"]
+    caption = (f"MACs {totals['macs_before']:,} -> {totals['macs_after']:,} (x{totals['macs_ratio']:.3f}), params "
+               f"{totals['params_before']:,} -> {totals['params_after']:,} (x{totals['params_ratio']:.3f}); "
+               f"predicted loss in {data['loss_units']}")
+    table = Table("producer", "consumer", "channels", "predicted loss", "of consumer variance", "status",
+                  title="channel pruning", title_justify="left", caption=caption, caption_justify="left")
+    for r in data["chains"]:
+        table.add_row(r["producer"], r["consumer"], f"{r['channels']} -> {r['kept']}", f"{r['predicted_loss']:.4g}",
+                      f"{100 * r['loss_fraction']:.2f}%", r["status"])
+    table.add_section()
+    for name, why in data["refused"].items():
+        table.add_row(name, "", "", "", "", f"whole: {why}")
+    return table

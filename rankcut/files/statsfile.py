@@ -5,6 +5,11 @@ scatter). With gradient statistics (``stats --grad``) also ``L/grad_count`` (sam
 ``L/hessian`` (C x C, the sum of ``sym(S)^2``) and ``L/grad_m2`` (C x C, the sum of ``g g^T``).
 ``__meta__`` is a one-element string array holding JSON: format, checkpoint digest, samples, loss,
 layers (name, capture point, channels). Everything loads with ``allow_pickle=False``.
+
+With ``stats --structure channels`` (or ``auto``), each prunable chain (``rankcut.model.graph``) adds the
+moments of its consumer's input, keyed by the producer ``P``: ``P/in_count``, ``P/in_mean`` (C) and
+``P/in_m2`` (C x C), and the metadata a ``chains`` list (producer, consumer, carried, channels, block,
+positions). Files without them (older ones) load with no chains.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from rankcut.errors import RankcutError
 from rankcut.files.fileio import atomic_write, file_digest, require_file
 from rankcut.model.layers import out_width
 from rankcut.files.safenpz import read_npz
-from rankcut.stats.moments import LayerStats, Moments
+from rankcut.stats.moments import ChainStats, LayerStats, Moments
 from rankcut.model.targets import Target, trace
+from rankcut.model.graph import Chain
 
 FORMAT = "rankcut-stats/1"
 GRAD_KEYS = ("grad_count", "hessian", "grad_m2")
@@ -38,6 +44,7 @@ class StatsFile:
     layers: dict[str, LayerStats]
     loss: str | None = None
     info: dict = field(default_factory=dict)
+    chains: dict[str, ChainStats] = field(default_factory=dict)
 
     def merge(self, other: "StatsFile") -> "StatsFile":
         """Statistics of both files' data together (same checkpoint and layers): exact up to rounding."""
@@ -48,14 +55,18 @@ class StatsFile:
             b = other.layers[name]
             grad = {k: a.grad[k] + b.grad[k] for k in a.grad}
             merged[name] = LayerStats(a.target, a.moments.merge(b.moments), grad)
-        return replace(self, samples=self.samples + other.samples, layers=merged)
+        if other.chains.keys() != self.chains.keys():
+            raise RankcutError("cannot merge statistics with different channel chains")
+        chains = {p: ChainStats(c.chain, c.moments.merge(other.chains[p].moments)) for p, c in self.chains.items()}
+        return replace(self, samples=self.samples + other.samples, layers=merged, chains=chains)
 
 
 def save_stats(stats: StatsFile, path: str | os.PathLike) -> None:
     """Write ``stats`` to ``path`` atomically."""
     meta = {**stats.info, "format": FORMAT, "checkpoint": stats.checkpoint, "samples": stats.samples,
             "loss": stats.loss,
-            "layers": [{"name": s.target.name, "bn": s.target.bn, "channels": s.channels} for s in stats.layers.values()]}
+            "layers": [{"name": s.target.name, "bn": s.target.bn, "channels": s.channels} for s in stats.layers.values()],
+            **({"chains": [c.chain.to_dict() for c in stats.chains.values()]} if stats.chains else {})}
     arrays = {"__meta__": np.array([json.dumps(meta)])}
     for name, s in stats.layers.items():
         arrays[f"{name}/count"] = np.array(s.moments.count, dtype=np.float64)
@@ -63,6 +74,10 @@ def save_stats(stats: StatsFile, path: str | os.PathLike) -> None:
         arrays[f"{name}/m2"] = s.moments.m2.numpy()
         for key, value in s.grad.items():
             arrays[f"{name}/{key}"] = value.double().numpy()
+    for producer, c in stats.chains.items():
+        arrays[f"{producer}/in_count"] = np.array(c.moments.count, dtype=np.float64)
+        arrays[f"{producer}/in_mean"] = c.moments.mean.numpy()
+        arrays[f"{producer}/in_m2"] = c.moments.m2.numpy()
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -123,8 +138,28 @@ def load_stats(path: str | os.PathLike) -> StatsFile:
                 raise RankcutError(f"{path}: layer {name} has a negative gradient sample count")
             grad |= {k: _array(arrays, f"{name}/{k}", (c, c), path) for k in GRAD_KEYS[1:]}
         layers[name] = LayerStats(Target(name, bn if isinstance(bn, str) else None), moments, grad)
-    info = {k: v for k, v in meta.items() if k not in ("format", "checkpoint", "samples", "loss", "layers")}
-    return StatsFile(digest, samples, layers, loss, info)
+    info = {k: v for k, v in meta.items() if k not in ("format", "checkpoint", "samples", "loss", "layers", "chains")}
+    return StatsFile(digest, samples, layers, loss, info, _load_chains(arrays, meta.get("chains", []), path))
+
+
+def _load_chains(arrays: dict, entries, path: str) -> dict[str, ChainStats]:
+    """The consumer-input moments of every chain listed in the metadata (none in older files)."""
+    try:
+        parsed = [Chain(str(e["producer"]), str(e["consumer"]), tuple(str(n) for n in e["carried"]),
+                        int(e["channels"]), int(e["block"]), int(e["positions"])) for e in entries]
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise RankcutError(f"{path} has damaged metadata (chains)") from None
+    chains = {}
+    for chain in parsed:
+        c, p = chain.channels, chain.producer
+        if c < 1 or chain.block < 1 or chain.positions < 1:
+            raise RankcutError(f"{path}: chain {p} declares {c} channels, block {chain.block}, {chain.positions} positions")
+        count = float(_array(arrays, f"{p}/in_count", (), path))
+        if count < 0:
+            raise RankcutError(f"{path}: chain {p} has a negative sample count ({count:g})")
+        moments = Moments(count, _array(arrays, f"{p}/in_mean", (c,), path), _array(arrays, f"{p}/in_m2", (c, c), path))
+        chains[p] = ChainStats(chain, moments)
+    return chains
 
 
 def check_digest(stats: StatsFile, checkpoint: str, stats_path: str) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from rankcut.errors import RankcutError
 from rankcut.model.attention import split
 from rankcut.model.layers import LowRank, empty_pair, fold_batchnorm, is_target_type, out_width, plain_batchnorm
+from rankcut.model.narrow import narrow_channelwise, narrow_inputs, narrow_outputs
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -86,8 +87,56 @@ class SplitMultiheadAttention:
         set_module(model, self.layer, split(module))
 
 
-KINDS = {cls.kind: cls for cls in (FoldBatchNorm, LowRankPair, SplitMultiheadAttention)}
-Edit = FoldBatchNorm | LowRankPair | SplitMultiheadAttention
+
+
+@dataclass(frozen=True)
+class ChannelPrune:
+    """Keep only channels ``kept`` (indices into the current width) of a producer -> consumer chain.
+
+    The producer loses the other filters, every ``carried`` module (BatchNorm, PReLU, depthwise conv) the
+    other channels, and the consumer the inputs that read them (``block`` inputs per channel for a Linear
+    after a flatten). The weights are sliced, so ``project`` then only has to refit the consumer.
+    """
+
+    kind: ClassVar[str] = "prune_channels"
+    producer: str
+    consumer: str
+    carried: tuple[str, ...]
+    block: int
+    kept: tuple[int, ...]
+
+    def apply(self, model: nn.Module) -> None:
+        producer, consumer = get_module(model, self.producer), get_module(model, self.consumer)
+        if not isinstance(producer, (nn.Conv2d, nn.Linear)) or not isinstance(consumer, (nn.Conv2d, nn.Linear)):
+            raise RankcutError(f"cannot prune {self.producer} -> {self.consumer}: expected conv/linear layers")
+        width = producer.weight.shape[0]
+        kept = list(self.kept)
+        if not kept or len(set(kept)) != len(kept) or not all(0 <= c < width for c in kept):
+            raise RankcutError(f"cannot prune {self.producer}: kept channels must be distinct indices in 0..{width - 1}")
+        fan_in = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
+        if self.block < 1 or fan_in != width * self.block:
+            raise RankcutError(f"cannot prune {self.producer} -> {self.consumer}: the consumer has {fan_in} inputs, "
+                               f"not {width} x {self.block}")
+        for name in self.carried:
+            module = get_module(model, name)
+            if not _channelwise_of_width(module, width):
+                raise RankcutError(f"cannot prune {self.producer}: {name} is not a {width}-channel BatchNorm, "
+                                   "PReLU or depthwise conv")
+            set_module(model, name, narrow_channelwise(module, kept))
+        set_module(model, self.producer, narrow_outputs(producer, kept))
+        set_module(model, self.consumer, narrow_inputs(consumer, kept, self.block))
+
+
+def _channelwise_of_width(module: nn.Module, width: int) -> bool:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features == width
+    if isinstance(module, nn.PReLU):
+        return module.num_parameters == width
+    return (isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels == width)
+
+
+KINDS = {cls.kind: cls for cls in (FoldBatchNorm, LowRankPair, SplitMultiheadAttention, ChannelPrune)}
+Edit = FoldBatchNorm | LowRankPair | SplitMultiheadAttention | ChannelPrune
 
 
 def edit_to_dict(edit: Edit) -> dict:
@@ -105,9 +154,22 @@ def edit_from_dict(d: dict) -> Edit:
     if set(args) != set(names):
         raise RankcutError(f"malformed {d['kind']} edit: fields {sorted(args)}, expected {sorted(names)}")
     for key, value in args.items():
-        if isinstance(value, bool) or not isinstance(value, int if names[key] == "int" else str):
+        element = FIELD_TYPES[names[key]]
+        if names[key].startswith("tuple"):
+            if not isinstance(value, list) or not all(_plain(v, element) for v in value):
+                raise RankcutError(f"malformed {d['kind']} edit: {key} must be a list of {element.__name__}")
+            args[key] = tuple(value)
+        elif not _plain(value, element):
             raise RankcutError(f"malformed {d['kind']} edit: {key}={value!r}")
     return cls(**args)
+
+
+FIELD_TYPES = {"int": int, "str": str, "tuple[int, ...]": int, "tuple[str, ...]": str}
+
+
+def _plain(value, kind: type) -> bool:
+    """``value`` is a ``kind`` (an int that is not a bool, or a str)."""
+    return not isinstance(value, bool) and isinstance(value, kind)
 
 
 def ranks(model: nn.Module) -> dict[str, int]:

@@ -17,6 +17,7 @@ import torch
 
 from rankcut.dist import Context, all_reduce_sum_
 from rankcut.errors import RankcutError
+from rankcut.model.graph import Chain
 from rankcut.model.targets import Target
 
 
@@ -181,3 +182,11 @@ def rank_for(values: torch.Tensor, fraction: float) -> int:
         return 1
     kept = torch.cumsum(values, 0) / total
     return int(torch.searchsorted(kept, torch.tensor(fraction - 1e-12, dtype=kept.dtype)).item()) + 1
+
+
+@dataclass
+class ChainStats:
+    """The moments of one chain consumer's input (after the non-linearity): what a channel refit needs."""
+
+    chain: Chain
+    moments: Moments

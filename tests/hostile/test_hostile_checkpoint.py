@@ -62,7 +62,14 @@ def test_truncated_checkpoint(run_cli, mnist_ckpt, tmp_path, keep):
     ({"input": '{"shape": [1, 28]}'}, "input"),
     ({"input": '{"shape": [1, 100000, 100000], "mean": [0], "std": [1]}'}, "implausibly large"),
     ({"edits": '{"kind": "low_rank"}'}, "damaged rankcut metadata"),
-    ({"edits": '[{"kind": "prune_channels", "layer": "fc1"}]'}, "unknown edit 'prune_channels'"),
+    ({"edits": '[{"kind": "quantize", "layer": "fc1"}]'}, "unknown edit 'quantize'"),
+    ({"edits": '[{"kind": "prune_channels", "layer": "fc1"}]'}, "malformed prune_channels edit"),
+    ({"edits": '[{"kind": "prune_channels", "producer": "fc1", "consumer": "fc2", "carried": [], "block": 1, '
+               '"kept": [0, true]}]'}, "kept must be a list of int"),
+    ({"edits": '[{"kind": "prune_channels", "producer": "fc1", "consumer": "fc2", "carried": [], "block": 1, '
+               '"kept": [3, 3]}]'}, "distinct indices in 0..127"),
+    ({"edits": '[{"kind": "prune_channels", "producer": "conv2", "consumer": "fc1", "carried": [], "block": 1, '
+               '"kept": [0]}]'}, "not 64 x 1"),
     ({"edits": '[{"kind": "low_rank", "layer": "fc1", "rank": "4"}]'}, "malformed low_rank edit"),
     ({"edits": '[{"kind": "low_rank", "layer": "fc9", "rank": 4}]'}, "no layer named 'fc9'"),
     ({"edits": '[{"kind": "low_rank", "layer": "fc1", "rank": 4}]'}, "does not match its own description"),

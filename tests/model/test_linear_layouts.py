@@ -14,7 +14,8 @@ from torch import nn
 
 from rankcut.dist import Context
 from rankcut.compress.project import project_model
-from rankcut.files.statsfile import LayerStats, StatsFile, check_fits
+from rankcut.files.statsfile import StatsFile, check_fits
+from rankcut.stats.moments import LayerStats
 from rankcut.model.archs import InputContract
 from rankcut.model.cost import count_macs
 from rankcut.model.edits import get_module

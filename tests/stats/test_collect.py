@@ -8,7 +8,8 @@ from builders import CPU
 from rankcut.model import archs
 from rankcut.model.edits import get_module
 from rankcut.model.targets import select
-from rankcut.stats.collect import Moments, collect_gradients, collect_moments
+from rankcut.stats.collect import collect_gradients, collect_moments
+from rankcut.stats.moments import Moments
 
 
 def test_moments_merge_equals_whole():
