@@ -33,7 +33,7 @@ def assert_same_state(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> N
         assert torch.equal(a[key], b[key]), key
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
     """Random values in every parameter and BatchNorm statistic, so eval outputs depend on all of them."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -41,7 +41,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             elif t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+                t.copy_(torch.randn(t.shape, generator=g) * scale)
     return model.eval()
 
 

@@ -6,20 +6,15 @@ import pytest
 import torch
 from torch import nn
 
+from builders import randomize_
+
 from rankcut.model.layers import (LowRank, current_rank, empty_pair, fold_batchnorm, is_target_type, max_rank,
                                   out_width, project_layer)
 
 
 def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights and (for BatchNorm) running statistics far from the defaults, in float64."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g))
-    return module.double().eval()
+    return randomize_(module, seed, scale=1.0).double()
 
 
 LAYERS = {
