@@ -3,6 +3,7 @@
     stats = collect_stats(model, contract, dataset, StatsConfig(grad="kl"))
     result = project(model, contract, stats, ProjectConfig(method="fisher", budget=Budget("macs", 0.5)))
     figures = evaluate([model], contract, test_set, EvalConfig(), reference=original)
+    result = refit(model, original, contract, calibration_set, RefitConfig(damping=1e-3))
 
 Configs validate themselves when made (a wrong value is a ``RankcutError`` naming the CLI flag), so a
 Python caller gets exactly the checks the CLI does. ``project`` changes the model in place, as torchao's
@@ -21,6 +22,8 @@ from rankcut import dist
 from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budget, ranks_from_keep
 from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
 from rankcut.compress.project import LayerReport, project_model
+from rankcut.compress.refit import (LayerRefit, batchnorms_after_change, layer_sums, reestimate_batchnorm,
+                                    refit_one, refit_targets)
 from rankcut.compress.prune import PruneResult, prune_model
 from rankcut.compress.timed import latency_total, never_faster, slower_pairs, timed_options
 from rankcut.errors import RankcutError
@@ -353,3 +356,84 @@ def evaluate(models: list[nn.Module], contract: InputContract, dataset: Dataset,
                 result["ratios"]["latency"] = result["latency"]["ratio"]
         results.append(result)
     return results
+
+
+# ---------------------------------------------------------------------------------------------- refit
+
+DEFAULT_REFIT_DAMPING = 1e-3
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    """How ``refit`` refits: ridge ``damping`` (relative to the mean eigenvalue of each layer's input second
+    moment), alternating ``rounds`` for pairs, ``bn_only`` (only re-estimate BatchNorm statistics), ``every``
+    (also refit unchanged layers after the first compressed one)."""
+
+    damping: float = DEFAULT_REFIT_DAMPING
+    rounds: int = 2
+    bn_only: bool = False
+    every: bool = False
+    batch_size: int = 64
+    workers: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.damping, (int, float)) and self.damping >= 0 and self.damping < float("inf")):
+            raise RankcutError(f"--damping must be a finite number >= 0, got {self.damping}")
+        if self.rounds < 1:
+            raise RankcutError(f"--rounds must be at least 1, got {self.rounds}")
+        _check_loading(self.batch_size, self.workers)
+
+
+@dataclass
+class RefitResult:
+    """What ``refit`` did: a report per refitted layer, the layers left alone (why), the BatchNorms re-estimated."""
+
+    config: RefitConfig
+    layers: list[LayerRefit]
+    skipped: dict[str, str]
+    batchnorms: list[str]
+    samples: int
+
+    def history(self) -> dict:
+        return {"damping": self.config.damping, "rounds": self.config.rounds, "bn_only": self.config.bn_only,
+                "all": self.config.every, "samples": self.samples,
+                "layers": sum(r.status == "refit" for r in self.layers), "batchnorms": len(self.batchnorms)}
+
+    def to_dict(self) -> dict:
+        return {**self.history(), "layers": [r.to_dict() for r in self.layers], "skipped": self.skipped,
+                "batchnorms": self.batchnorms}
+
+
+def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, dataset: Dataset,
+          config: RefitConfig, *, ctx: dist.Context | None = None, progress=None) -> RefitResult:
+    """Refit ``model``'s compressed layers in place so each matches ``teacher``'s output there (``compress.refit``).
+
+    One pass over ``dataset`` per refitted layer (both models, each stopped at that layer), plus one pass
+    before and one after to re-estimate the unfolded BatchNorms downstream of the first change. With
+    ``bn_only`` only the BatchNorms (``teacher`` may then be None: all BatchNorms). Under torchrun each process
+    takes a shard and the sums are combined exactly, so every process computes the same weights.
+    """
+    ctx = ctx or dist.Context(0, 1, next(model.parameters()).device)
+    if teacher is None and not config.bn_only:
+        raise RankcutError("refit needs the model it was compressed from (--teacher BASE), unless --bn-only")
+    model.eval()
+    if teacher is not None:
+        teacher.eval()
+    batches = loader(shard(dataset, ctx.rank, ctx.world), config.batch_size, config.workers)
+
+    def stage(name: str):
+        if progress is None:
+            return lambda: None
+        task = progress.add_task(name, total=len(batches), info="")
+        return lambda: progress.advance(task)
+
+    targets, skipped = ([], {}) if config.bn_only else refit_targets(model, teacher, contract, config.every)
+    norms = batchnorms_after_change(model, teacher, contract)
+    reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics"))
+    reports = []
+    for target in targets:
+        sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"))
+        reports.append(refit_one(model, target, sums, config.damping, config.rounds))
+    if any(r.status == "refit" for r in reports) and norms:
+        reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics, after the refits"))
+    return RefitResult(config, reports, skipped, norms, len(dataset))

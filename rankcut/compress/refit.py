@@ -1,0 +1,483 @@
+"""Closed-form refit of a compressed model against the model it was compressed from (its teacher), no labels.
+
+Each compressed layer is refitted, in the order the network computes them, so that its output on the
+*compressed* model's own input matches the *teacher's* output at the same place on the teacher's own input
+(asymmetric reconstruction: errors of the layers before it are corrected, not compounded). With ``x~`` the
+layer's input patch with a 1 appended (its bias) and ``y`` the teacher's output, one pass over the data
+gathers, in float64, ``A = E[x~ x~']`` ((P x P), P = inputs per output + 1), ``B = E[y x~']`` and
+``c = E[|y|^2]``; the layer's affine map ``M`` then minimises the ridge objective
+
+    f(M) = c - 2 tr(M B') + tr(M (A + delta D) M'),   delta = damping x mean eigenvalue of A's weight block
+
+(D: identity on the weights, zero on the bias), exactly ``E|y - M x~|^2 + delta |weights|^2``:
+
+- a whole layer (a channel-pruned consumer, or any layer with ``every``): ``M = B A'^-1``;
+- a pair ``M = U W~ + b2 e'``: ``down`` given ``up`` is ``W~ = U^+ (B A'^-1 - b2 e')``, ``up`` given
+  ``down`` is ``[U b2] = B G' (G A' G')^+`` with ``G = [W~; e']``. Both steps minimise ``f`` exactly over their
+  half, so ``f`` never increases; they alternate for ``rounds`` rounds. When the teacher's map has rank <= k
+  on the data, one round reaches it.
+
+A layer keeps its old weights when the refit would not lower its (unregularised) error on the refit data.
+The memory is that of one layer's ``A`` at a time (P^2 float64: 170 MB for a 3x3 conv reading 512
+channels); the time is one forward pass of both models per refitted layer, each stopped at that layer.
+BatchNorm layers left unfolded downstream of the first change get their running statistics re-estimated
+(exact population mean and variance of their inputs over the data) before and after the refits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankcut.dist import Context, all_reduce_sum_
+from rankcut.errors import RankcutError
+from rankcut.model.contract import InputContract
+from rankcut.model.forward import probe
+from rankcut.model.layers import LowRank, input_side, out_width, plain_batchnorm
+from rankcut.model.targets import trace
+
+# ---------------------------------------------------------------------------------------------- what to refit
+
+
+@dataclass(frozen=True)
+class RefitTarget:
+    """A layer of the compressed model to refit (``kind`` pair or layer) and the teacher module it must match."""
+
+    name: str
+    kind: str
+    capture: str
+
+
+def same_module(a: nn.Module, b: nn.Module) -> bool:
+    """Same type and the same tensors (names, shapes and values)."""
+    if type(a) is not type(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device))
+                                          for k in sa)
+
+
+def call_order(model: nn.Module, contract: InputContract) -> list[str]:
+    """Names of the modules (not the root) in the order of their first call in one forward pass."""
+    order: list[str] = []
+    handles = []
+
+    def on(name):
+        def hook(*_):
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+        return hook
+
+    seen: set[str] = set()
+    try:
+        handles = [m.register_forward_pre_hook(on(n)) for n, m in model.named_modules() if n]
+        probe(model, contract.shape)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _teacher_module(teacher: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return teacher.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def changed_modules(model: nn.Module, teacher: nn.Module, contract: InputContract) -> list[str]:
+    """Modules of ``model`` (in call order, pairs as one) that differ from the teacher's module of that name."""
+    pairs = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LowRank))
+    changed = []
+    for name in call_order(model, contract):
+        if name.startswith(pairs):
+            continue
+        module = model.get_submodule(name)
+        if len(list(module.children())) and not isinstance(module, LowRank):
+            continue  # containers: their leaves say what changed
+        other = _teacher_module(teacher, name)
+        if other is None or not same_module(module, other):
+            changed.append(name)
+    return changed
+
+
+def refit_targets(model: nn.Module, teacher: nn.Module, contract: InputContract,
+                  every: bool = False) -> tuple[list[RefitTarget], dict[str, str]]:
+    """The layers to refit, in call order, and the changed layers left alone with the reason.
+
+    Refitted: pairs that differ from the teacher's layer, and whole layers whose weights differ but whose
+    output width is the teacher's (a channel-pruned consumer); with ``every`` also unchanged layers after
+    the first change. The teacher's output is taken after its BatchNorm when the compressed model folded it.
+    """
+    found, _ = trace(model, contract)
+    teacher_targets = {t.name: t for t in trace(teacher, contract)[0]}
+    changed = set(changed_modules(model, teacher, contract))
+    targets, skipped, seen_change = [], {}, False
+    for t in found:
+        module = model.get_submodule(t.name)
+        other = _teacher_module(teacher, t.name)
+        if other is None:
+            raise RankcutError(f"the teacher has no layer {t.name}: it is not the model this one was compressed from")
+        is_changed = t.name in changed
+        if not (is_changed or (every and seen_change)):
+            continue
+        seen_change = seen_change or is_changed
+        if not hasattr(other, "weight") and not isinstance(other, LowRank) or out_width(other) != out_width(module):
+            skipped[t.name] = "left alone: its outputs are not the teacher's (a pruned producer)"
+            continue
+        if not _patchable(input_side(module)):
+            skipped[t.name] = "left alone: string padding or a non-zero padding mode"
+            continue
+        tt = teacher_targets.get(t.name)
+        folded = tt is not None and tt.bn is not None and not plain_batchnorm(model.get_submodule(tt.bn))
+        targets.append(RefitTarget(t.name, "pair" if isinstance(module, LowRank) else "layer",
+                                   tt.bn if folded else t.name))
+    return targets, skipped
+
+
+def batchnorms_after_change(model: nn.Module, teacher: nn.Module | None, contract: InputContract) -> list[str]:
+    """Unfolded BatchNorm layers tracking running statistics, called at or after the first change (all of
+    them without a teacher)."""
+    order = call_order(model, contract)
+    if teacher is not None:
+        changed = changed_modules(model, teacher, contract)
+        order = order[order.index(changed[0]):] if changed else []
+    return [n for n in order if isinstance(model.get_submodule(n), nn.modules.batchnorm._BatchNorm)
+            and model.get_submodule(n).track_running_stats]
+
+
+def _patchable(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return True
+    return isinstance(layer.padding, tuple) and layer.padding_mode == "zeros"
+
+
+# ---------------------------------------------------------------------------------------------- one pass
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer it watches has run: the rest of the forward pass is not needed."""
+
+
+def _run_until(model: nn.Module, x: torch.Tensor) -> None:
+    try:
+        model(x)
+    except _Stop:
+        return
+    raise RankcutError("the refitted layer never ran on the data")
+
+
+def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, outputs) as rows: a conv's input patches (unfold order = its weight's) and output pixels."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    out = y.reshape(y.shape[0], y.shape[1], -1)
+    if patches.shape[2] != out.shape[2]:
+        raise RankcutError(f"the teacher's output has {out.shape[2]} positions where this layer computes "
+                           f"{patches.shape[2]}: the teacher takes other input")
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1]), out.transpose(1, 2).reshape(-1, out.shape[1])
+
+
+@dataclass
+class Sums:
+    """float64 sums over every output position: x~ x~', y x~', |y|^2, y, and the count (exact to merge)."""
+
+    xx: torch.Tensor
+    yx: torch.Tensor
+    yy: torch.Tensor
+    y: torch.Tensor
+    count: torch.Tensor
+
+    def all_reduce(self, ctx: Context) -> "Sums":
+        all_reduce_sum_([self.xx, self.yx, self.yy, self.y, self.count], ctx)
+        return self
+
+
+def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batches, ctx: Context,
+               advance=lambda: None) -> Sums:
+    """One pass: the compressed model's input to ``target`` against the teacher's output at its capture."""
+    layer = model.get_submodule(target.name)
+    first = input_side(layer)
+    seen: dict[str, torch.Tensor] = {}
+
+    def take_input(_, inputs):
+        seen["x"] = inputs[0]
+        raise _Stop
+
+    def take_output(_, __, out):
+        seen["y"] = out
+        raise _Stop
+
+    p = first.weight[0].numel() + 1
+    c = out_width(layer)
+    dev = ctx.device
+    sums = Sums(torch.zeros(p, p, dtype=torch.float64, device=dev), torch.zeros(c, p, dtype=torch.float64, device=dev),
+                torch.zeros((), dtype=torch.float64, device=dev), torch.zeros(c, dtype=torch.float64, device=dev),
+                torch.zeros((), dtype=torch.float64, device=dev))
+    handles = [layer.register_forward_pre_hook(take_input),
+               teacher.get_submodule(target.capture).register_forward_hook(take_output)]
+    try:
+        with torch.inference_mode():
+            for x, _ in batches:
+                x = x.to(dev, non_blocking=True)
+                _run_until(teacher, x)
+                _run_until(model, x)
+                xs, ys = _rows(first, seen["x"], seen["y"])
+                if ys.shape[1] != c:
+                    raise RankcutError(f"the teacher's {target.capture} has {ys.shape[1]} outputs, {target.name} {c}")
+                xs = torch.cat([xs.double(), torch.ones(len(xs), 1, dtype=torch.float64, device=dev)], 1)
+                ys = ys.double()
+                sums.xx += xs.T @ xs
+                sums.yx += ys.T @ xs
+                sums.yy += (ys * ys).sum()
+                sums.y += ys.sum(0)
+                sums.count += len(xs)
+                advance()
+    finally:
+        for h in handles:
+            h.remove()
+    sums = sums.all_reduce(ctx)
+    if not all(torch.isfinite(t).all() for t in (sums.xx, sums.yx, sums.yy)):
+        raise RankcutError(f"{target.name} or the teacher produced NaN or Inf on the data; nothing written")
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------- the algebra
+
+
+def _pinv_psd(m: torch.Tensor) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric positive semi-definite matrix (eigenvalues below 1e-12 x the largest: 0)."""
+    values, vectors = torch.linalg.eigh((m + m.T) / 2)
+    keep = values > values.max().clamp_min(0) * 1e-12
+    inv = torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
+    return (vectors * inv) @ vectors.T
+
+
+def _right_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b a^-1`` for symmetric positive (semi-)definite ``a``: Cholesky, or the pseudo-inverse if singular."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if info.item() == 0:
+        return torch.cholesky_solve(b.T, chol).T
+    return b @ _pinv_psd(a)
+
+
+@dataclass
+class Problem:
+    """The normalised moments of one layer: ``A`` (damped ``A_reg``), ``B``, ``c``, and the output variance."""
+
+    a: torch.Tensor
+    a_reg: torch.Tensor
+    b: torch.Tensor
+    c: float
+    variance: float
+    bias: bool
+
+    @classmethod
+    def of(cls, sums: Sums, damping: float, bias: bool) -> "Problem":
+        n = sums.count.item()
+        if n == 0:
+            raise RankcutError("no samples reached the layer")
+        a, b = sums.xx / n, sums.yx / n
+        if not bias:  # a layer without a bias keeps none: its map has no bias column
+            a, b = a[:-1, :-1], b[:, :-1]
+        weights = a.shape[0] - (1 if bias else 0)
+        delta = damping * max(a.diagonal()[:weights].mean().item(), 1e-300)
+        mask = torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
+        if bias:
+            mask[-1] = 0
+        mean = sums.y / n
+        c = (sums.yy / n).item()
+        return cls(a, a + torch.diag(mask * delta), b, c, max(c - (mean @ mean).item(), 1e-300), bias)
+
+    def objective(self, v: torch.Tensor, g: torch.Tensor, damped: bool = True) -> float:
+        """``f(V G)`` (``damped``) or the plain mean squared error, with the map factored as ``V G``."""
+        a = self.a_reg if damped else self.a
+        h = g @ a @ g.T
+        return self.c - 2 * (v * (self.b @ g.T)).sum().item() + (v * (v @ h)).sum().item()
+
+
+def _unit(p: int, like: torch.Tensor) -> torch.Tensor:
+    e = torch.zeros(1, p, dtype=like.dtype, device=like.device)
+    e[0, -1] = 1
+    return e
+
+
+def refit_pair(problem: Problem, down: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
+               rounds: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+    """Alternate ``down`` (k x P, bias last) given ``up`` and ``up``, ``up_bias`` given ``down``, ``rounds`` times.
+
+    Returns the new ``down``, ``up``, ``up_bias`` and the objective before and after every half step.
+    """
+    e = _unit(problem.a.shape[0], down)
+    solved = _right_solve(problem.a_reg, problem.b)  # B A'^-1, reused by every down step
+
+    def value(w, u, b2):
+        return problem.objective(torch.cat([u, b2[:, None]], 1), torch.cat([w, e], 0))
+
+    history = [value(down, up, up_bias)]
+    for _ in range(rounds):
+        down = torch.linalg.pinv(up) @ (solved - up_bias[:, None] @ e)
+        history.append(value(down, up, up_bias))
+        g = torch.cat([down, e], 0)
+        vg = _right_solve(g @ problem.a_reg @ g.T, problem.b @ g.T)
+        up, up_bias = vg[:, :-1], vg[:, -1]
+        history.append(value(down, up, up_bias))
+    return down, up, up_bias, history
+
+
+def refit_layer(problem: Problem) -> torch.Tensor:
+    """The whole layer's map ``B A'^-1`` (C x P; bias last when it has one)."""
+    return _right_solve(problem.a_reg, problem.b)
+
+
+# ---------------------------------------------------------------------------------------------- the use case
+
+
+@dataclass
+class LayerRefit:
+    """What happened to one layer: relative errors (of the teacher's output variance) before and after."""
+
+    layer: str
+    kind: str
+    capture: str
+    error_before: float | None = None
+    error_after: float | None = None
+    objective: list[float] = field(default_factory=list)
+    status: str = "refit"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _flat(layer: nn.Module) -> tuple[torch.Tensor, bool]:
+    """A conv or linear as its (C x P) map, bias last when it has one."""
+    w = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+    if layer.bias is None:
+        return w, False
+    return torch.cat([w, layer.bias.detach().double()[:, None]], 1), True
+
+
+def _write(layer: nn.Module, m: torch.Tensor, bias: bool) -> None:
+    with torch.no_grad():
+        if bias:
+            layer.weight.copy_(m[:, :-1].reshape(layer.weight.shape))
+            layer.bias.copy_(m[:, -1])
+        else:
+            layer.weight.copy_(m.reshape(layer.weight.shape))
+
+
+def refit_one(model: nn.Module, target: RefitTarget, sums: Sums, damping: float, rounds: int) -> LayerRefit:
+    """Refit one layer in place from its sums; keep the old weights unless the error goes down."""
+    layer = model.get_submodule(target.name)
+    report = LayerRefit(target.name, target.kind, target.capture)
+    if isinstance(layer, LowRank):
+        down, bias = _flat(layer.down)
+        up, _ = _flat(layer.up)
+        if not bias:
+            raise RankcutError(f"{target.name}.down has no bias: not a pair rankcut made")
+        problem = Problem.of(sums, damping, True)
+        e = _unit(problem.a.shape[0], down)
+        g0, v0 = torch.cat([down, e], 0), up
+        new_down, new_up, new_bias, report.objective = refit_pair(problem, down, up[:, :-1], up[:, -1], rounds)
+        g1, v1 = torch.cat([new_down, e], 0), torch.cat([new_up, new_bias[:, None]], 1)
+        news = [new_down, new_up, new_bias]
+    else:
+        m0, bias = _flat(layer)
+        problem = Problem.of(sums, damping, bias)
+        eye = torch.eye(m0.shape[0], dtype=m0.dtype, device=m0.device)
+        g0, v0 = m0, eye
+        m1 = refit_layer(problem)
+        g1, v1 = m1, eye
+        report.objective = [problem.objective(v0, g0), problem.objective(v1, g1)]
+        news = [m1]
+    if not all(torch.isfinite(t).all() for t in news):
+        raise RankcutError(f"the refit of {target.name} is not finite (try a larger --damping); nothing written")
+    report.error_before = problem.objective(v0, g0, damped=False) / problem.variance
+    after = problem.objective(v1, g1, damped=False) / problem.variance
+    if not after < report.error_before:
+        report.error_after = report.error_before
+        report.status = "kept: the refit would not lower its error"
+        return report
+    report.error_after = after
+    if isinstance(layer, LowRank):
+        _write(layer.down, new_down, True)
+        _write(layer.up, torch.cat([new_up, new_bias[:, None]], 1), True)
+    else:
+        _write(layer, m1, bias)
+    return report
+
+
+def reestimate_batchnorm(model: nn.Module, names: list[str], batches, ctx: Context, advance=lambda: None) -> None:
+    """Set each named BatchNorm's running mean and variance to the exact ones of its inputs over ``batches``.
+
+    The model runs with these BatchNorms normalising by batch statistics (as in training), so each one sees
+    inputs normalised like those it will see; the sums are float64 around the first batch's mean and are
+    combined across processes exactly.
+    """
+    if not names:
+        return
+    modules = {n: model.get_submodule(n) for n in names}
+    acc: dict[str, list] = {}
+
+    def observe(name):
+        def hook(_, inputs):
+            x = inputs[0].detach().transpose(0, 1).reshape(inputs[0].shape[1], -1)
+            if name not in acc:
+                acc[name] = [x.mean(1, keepdim=True), torch.zeros((), dtype=torch.float64, device=x.device),
+                             torch.zeros(len(x), dtype=torch.float64, device=x.device),
+                             torch.zeros(len(x), dtype=torch.float64, device=x.device)]
+            shift, count, first, second = acc[name]
+            d = (x - shift).double()
+            acc[name][1] = count + d.shape[1]
+            first += d.sum(1)
+            second += (d * d).sum(1)
+        return hook
+
+    saved = {n: (m.training, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for n, m in modules.items()}
+    handles = [m.register_forward_pre_hook(observe(n)) for n, m in modules.items()]
+    try:
+        model.eval()
+        for m in modules.values():
+            m.train()
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x.to(ctx.device, non_blocking=True))
+                advance()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, m in modules.items():
+            m.train(saved[n][0])
+    for name, m in modules.items():
+        if name not in acc and not ctx.distributed:
+            raise RankcutError(f"{name} never ran on the data")
+        width = m.num_features
+        shift, count, first, second = acc.get(name) or [torch.zeros(width, 1, device=ctx.device)] + [
+            torch.zeros((), dtype=torch.float64, device=ctx.device)] + [
+            torch.zeros(width, dtype=torch.float64, device=ctx.device) for _ in range(2)]
+        # Each process's mean and centred sum of squares, combined exactly by the parallel-axis formula.
+        local_n = count.clone()
+        local_mean = shift.reshape(-1).double() + first / max(count.item(), 1.0)
+        local_m2 = second - first * first / max(count.item(), 1.0)
+        total, weighted = local_n.clone(), local_mean * local_n
+        all_reduce_sum_([total, weighted], ctx)
+        n = total.item()
+        if n < 2:
+            raise RankcutError(f"{name} saw fewer than 2 values per channel; use more --samples")
+        mean = weighted / n
+        m2 = local_m2 + local_n * (local_mean - mean) ** 2
+        all_reduce_sum_([m2], ctx)
+        if not (torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+            raise RankcutError(f"{name} received NaN or Inf on the data; nothing written")
+        var = (m2 / (n - 1)).clamp_min(0)
+        if saved[name][1] is not None:
+            m.num_batches_tracked.copy_(saved[name][1])
+        with torch.no_grad():
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
