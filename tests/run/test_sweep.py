@@ -1,0 +1,60 @@
+"""``run.sweep``: the points a config names, the Pareto marks and the recommendation on hand-made cases."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from rankcut.errors import RankcutError
+from rankcut.run.sweep import SweepConfig, pareto, recommend, summarize
+
+
+def test_pareto_on_a_hand_made_frontier():
+    costs = [0.2, 0.3, 0.3, 0.5, 0.6, 0.5, 0.9]
+    top1s = [0.70, 0.80, 0.75, 0.90, 0.85, 0.90, 0.95]
+    # 0.3/0.75 is beaten by 0.3/0.80; 0.6/0.85 by 0.5/0.90; the two identical 0.5/0.90 points beat neither
+    assert pareto(costs, top1s) == [True, True, False, True, False, True, True]
+    assert pareto([], []) == []
+    assert pareto([0.5], [0.1]) == [True]
+
+
+def _point(macs: float, top1: float, method: str = "pca") -> dict:
+    return {"structure": "pair", "method": method, "kind": "macs", "fraction": macs, "top1": top1,
+            "ratios": {"macs": macs, "params": macs}}
+
+
+def test_the_recommendation_is_the_cheapest_point_within_the_margin():
+    points = [_point(0.5, 0.91), _point(0.3, 0.895), _point(0.2, 0.80), _point(0.3, 0.90, "fisher")]
+    assert recommend(points, 0.90, 1.0) == 3  # 0.3 MACs twice within a point: the more accurate one
+    assert recommend(points, 0.90, 0.0) == 3  # exactly the original's top-1 counts as within 0 points
+    assert recommend(points, 0.90, 10.0) == 2
+    assert recommend(points, 0.95, 1.0) is None
+    result = summarize({"top1": 0.90}, points, 1.0)
+    assert [p["pareto"] for p in result["points"]] == [True, False, True, True]
+    assert result["recommendation"]["method"] == "fisher"
+
+
+def test_a_config_names_each_point_once_in_order():
+    config = SweepConfig(methods=("pca", "fisher", "pca"), structures=("pair", "channels"),
+                         budgets=(("macs", 0.5), ("macs", 0.25), ("macs", 0.5), ("keep", 0.5)))
+    keys = [key for key, _ in config.configs()]
+    assert keys == [("pair", "pca", "macs", 0.5), ("pair", "pca", "macs", 0.25), ("pair", "pca", "keep", 0.5),
+                    ("pair", "fisher", "macs", 0.5), ("pair", "fisher", "macs", 0.25), ("pair", "fisher", "keep", 0.5),
+                    ("channels", None, "macs", 0.5), ("channels", None, "macs", 0.25), ("channels", None, "keep", 0.5)]
+    project = dict(config.configs())
+    assert project[("pair", "fisher", "macs", 0.25)].budget.fraction == 0.25
+    assert project[("channels", None, "keep", 0.5)].structure == "channels"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SweepConfig(budgets=()), "say which budgets to sweep"),
+    (lambda: SweepConfig(budgets=(("latency", 0.5),)), "a sweep budget is one of keep, macs, params"),
+    (lambda: SweepConfig(methods=("random",), budgets=(("params", 0.5),)), "predicts no loss"),
+    (lambda: SweepConfig(structures=(), budgets=(("keep", 0.5),)), "--structures names no structure"),
+    (lambda: SweepConfig(budgets=(("keep", 0.5),), within=-0.5), "--within must be 0 or more"),
+    (lambda: SweepConfig(budgets=(("keep", 0.5),), damping=0.1), "--damping is an option of --method fisher"),
+])
+def test_sweep_configs_validate_themselves(make, message):
+    with pytest.raises(RankcutError, match=re.escape(message)):
+        make()
