@@ -21,7 +21,8 @@ _EXPORTS = {
     "open_data": "rankcut.run.data", "RankcutError": "rankcut.errors",
     "collect_stats": "rankcut.api", "project": "rankcut.api", "evaluate": "rankcut.api",
     "StatsConfig": "rankcut.api", "ProjectConfig": "rankcut.api", "Budget": "rankcut.api",
-    "EvalConfig": "rankcut.api", "ProjectResult": "rankcut.api",
+    "EvalConfig": "rankcut.api", "ProjectResult": "rankcut.api", "sweep": "rankcut.api",
+    "SweepConfig": "rankcut.api",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -15,7 +15,7 @@ from rankcut.model.edits import ChannelPrune
 from rankcut.model.layers import LowRank, is_target_type, out_width
 from rankcut.model.cost import count_macs, count_params, target_macs
 from rankcut.cli.options import Force, Json, Quiet
-from rankcut.files.plots import check_plot, spectra_plot
+from rankcut.cli.plots import check_plot, spectra_plot
 from rankcut.files.fileio import file_digest
 from rankcut.cli.stats import stats_info
 from rankcut.model.targets import untargeted

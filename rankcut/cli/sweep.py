@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from rankcut import dist
-from rankcut.api import EvalConfig
+from rankcut.api import EvalConfig, SweepConfig, sweep as run_sweep
 from rankcut.cli.console import JSON_VERSION, Reporter
 from rankcut.cli.options import (BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet,
                                  Samples, Seed, Workers)
@@ -20,7 +20,7 @@ from rankcut.files.fileio import atomic_write, check_output, file_digest
 from rankcut.files.statsfile import check_digest, load_stats
 from rankcut.run.data import open_data, subset
 from rankcut.run.evaluate import output_classes
-from rankcut.run.sweep import KINDS, SweepConfig, label, point_key, summarize, sweep as run_sweep
+from rankcut.run.frontier import KINDS, label, point_key, summarize
 
 Fractions = Annotated[Optional[str], typer.Option(show_default=False)]
 
@@ -127,7 +127,7 @@ def sweep(
     inputs = [checkpoint, stats_path, data]
     check_output(output, inputs, force)
     if plot is not None:
-        from rankcut.files.plots import check_plot
+        from rankcut.cli.plots import check_plot
 
         check_plot(plot, inputs + [output], force)
     if keep_dir is not None:
@@ -181,7 +181,7 @@ def sweep(
     result["plot"], result["complete"] = plot, True
     write(result)
     if plot is not None:
-        from rankcut.files.plots import frontier_plot
+        from rankcut.cli.plots import frontier_plot
 
         frontier_plot(result, plot, title=f"{Path(checkpoint).name} on {data}")
     report.result({**head, **result}, _table(result), _recommendation(result))

@@ -11,7 +11,7 @@ from cli_helpers import run
 from safetensors import safe_open
 
 import rankcut
-import rankcut.run.sweep as sweep_module
+import rankcut.api as sweep_module
 
 DATA = "synthetic:64"
 CPU = ["--device", "cpu"]

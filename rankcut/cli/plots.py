@@ -49,7 +49,7 @@ def frontier_plot(result: dict, path: str | os.PathLike, title: str = "") -> Non
 
     Pareto-optimal points are ringed; the recommendation (if any) is a star.
     """
-    from rankcut.run.sweep import label
+    from rankcut.run.frontier import label
 
     figure = _figure(figsize=(6.4, 4.4))
     ax = figure.add_subplot()
