@@ -71,11 +71,19 @@ def frontier_plot(result: dict, path: str | os.PathLike, title: str = "") -> Non
     original = 100 * result["original"]["top1"]
     ax.axhline(original, color="gray", linestyle="--", linewidth=1, label=f"original ({original:.2f}%)")
     ax.scatter([1.0], [original], color="gray", s=20, zorder=3)
+    ratios = [p["ratios"]["macs"] for p in result["points"]]
+    if ratios and min(ratios) < 0.1:  # budgets spanning decades: a log axis, so the cheap end is readable
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.set_xlim(min(ratios) / 1.3, 1.3)
+    else:
+        ax.set_xlim(0, 1.05)
     ax.set_xlabel("MACs, fraction of the original")
     ax.set_ylabel("top-1 (%)")
-    ax.set_xlim(0, 1.05)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="lower right")
+    ax.legend(fontsize="small", loc="best")
     if title:
         ax.set_title(title, fontsize="medium")
     _save(figure, path)
