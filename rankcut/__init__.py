@@ -22,7 +22,7 @@ _EXPORTS = {
     "collect_stats": "rankcut.api", "project": "rankcut.api", "evaluate": "rankcut.api",
     "StatsConfig": "rankcut.api", "ProjectConfig": "rankcut.api", "Budget": "rankcut.api",
     "EvalConfig": "rankcut.api", "ProjectResult": "rankcut.api", "refit": "rankcut.api",
-    "RefitConfig": "rankcut.api", "RefitResult": "rankcut.api",
+    "RefitConfig": "rankcut.api", "RefitResult": "rankcut.api", "sweep": "rankcut.api", "SweepConfig": "rankcut.api",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -193,3 +193,28 @@ def test_imports_only_point_down_the_layers():
                 if target is not None and target > own:
                     wrong.append(f"{module} imports {name}")
     assert wrong == []
+
+
+def test_a_sweep_config_names_each_point_once_in_order():
+    config = rankcut.SweepConfig(methods=("pca", "fisher", "pca"), structures=("pair", "channels"),
+                                 budgets=(("macs", 0.5), ("macs", 0.25), ("macs", 0.5), ("keep", 0.5)))
+    keys = [key for key, _ in config.configs()]
+    assert keys == [("pair", "pca", "macs", 0.5), ("pair", "pca", "macs", 0.25), ("pair", "pca", "keep", 0.5),
+                    ("pair", "fisher", "macs", 0.5), ("pair", "fisher", "macs", 0.25), ("pair", "fisher", "keep", 0.5),
+                    ("channels", None, "macs", 0.5), ("channels", None, "macs", 0.25), ("channels", None, "keep", 0.5)]
+    project = dict(config.configs())
+    assert project[("pair", "fisher", "macs", 0.25)].budget.fraction == 0.25
+    assert project[("channels", None, "keep", 0.5)].structure == "channels"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: rankcut.SweepConfig(budgets=()), "say which budgets to sweep"),
+    (lambda: rankcut.SweepConfig(budgets=(("latency", 0.5),)), "a sweep budget is one of keep, macs, params"),
+    (lambda: rankcut.SweepConfig(methods=("random",), budgets=(("params", 0.5),)), "predicts no loss"),
+    (lambda: rankcut.SweepConfig(structures=(), budgets=(("keep", 0.5),)), "--structures names no structure"),
+    (lambda: rankcut.SweepConfig(budgets=(("keep", 0.5),), within=-0.5), "--within must be 0 or more"),
+    (lambda: rankcut.SweepConfig(budgets=(("keep", 0.5),), damping=0.1), "--damping is an option of --method fisher"),
+])
+def test_sweep_configs_validate_themselves(make, message):
+    with pytest.raises(RankcutError, match=re.escape(message)):
+        make()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from rankcut.cli import eval as eval_cmd
-from rankcut.cli import export, finetune, info, init, profile, project, refit, stats
+from rankcut.cli import export, finetune, info, init, profile, project, refit, stats, sweep
 from rankcut.cli.errors import one_line_errors
 
 app = typer.Typer(
@@ -19,6 +19,6 @@ app = typer.Typer(
 
 for name, fn in [("init", init.init), ("info", info.info), ("stats", stats.stats), ("project", project.project),
                  ("finetune", finetune.finetune), ("eval", eval_cmd.evaluate_command), ("export", export.export),
-                 ("profile", profile.profile), ("refit", refit.refit)]:
+                 ("profile", profile.profile), ("refit", refit.refit), ("sweep", sweep.sweep)]:
     app.command(name)(one_line_errors(fn))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -14,7 +14,8 @@ from rankcut.errors import RankcutError, one_line
 from rankcut.model.edits import ChannelPrune
 from rankcut.model.layers import LowRank, is_target_type, out_width
 from rankcut.model.cost import count_macs, count_params, target_macs
-from rankcut.cli.options import Json, Quiet
+from rankcut.cli.options import Force, Json, Quiet
+from rankcut.cli.plots import check_plot, spectra_plot
 from rankcut.files.fileio import file_digest
 from rankcut.cli.stats import stats_info
 from rankcut.model.targets import untargeted
@@ -91,10 +92,21 @@ def checkpoint_info(path: str, report: Reporter) -> None:
 
 def info(file: Annotated[str, typer.Argument(help="A checkpoint (.safetensors) or statistics file (.npz).",
                                               show_default=False)],
-         json_out: Json = False, quiet: Quiet = False) -> None:
+         plot: Annotated[Optional[str], typer.Option("--plot", help=(
+             "For a statistics file: draw each layer's eigenvalue spectrum and the variance dropped at each rank "
+             "(log scale) to this .png or .svg (needs matplotlib: pip install 'rankcut[plot]')."),
+             show_default=False)] = None,
+         force: Force = False, json_out: Json = False, quiet: Quiet = False) -> None:
     """Show a checkpoint (architecture, input, parameters, MACs, ranks, history) or a statistics file."""
     report = Reporter(quiet, json_out)
     if file.endswith(".npz"):
-        stats_info(file, report)
+        if plot is not None:
+            check_plot(plot, [file], force)
+        stats = stats_info(file, report)
+        if plot is not None:
+            spectra_plot(stats, plot, title=f"{file}: output spectra")
     else:
+        if plot is not None:
+            raise RankcutError("--plot draws a statistics file's spectra (info S.npz --plot P.png); it has no "
+                               "picture of a checkpoint")
         checkpoint_info(file, report)

@@ -69,8 +69,9 @@ def stats(
         dist.teardown(ctx)
 
 
-def stats_info(path: str, report: Reporter) -> None:
-    """``rankcut info S.npz``: the same table ``stats`` printed."""
+def stats_info(path: str, report: Reporter):
+    """``rankcut info S.npz``: the same table ``stats`` printed; returns the statistics read."""
     loaded = load_stats(path)
     summary, table = stats_summary(loaded, path)
     report.result({**summary, "file": path}, table, *not_targets_table(loaded.info.get("not_targets"), path))
+    return loaded

@@ -149,6 +149,8 @@ COMMANDS = {
                                               *CPU, "-o", out],
     "eval": lambda ck, f, out: ["eval", ck, "--data", "synthetic:8", *CPU],
     "eval --reference": lambda ck, f, out: ["eval", f["ckpt"], "--reference", ck, "--data", "synthetic:8", *CPU],
+    "sweep": lambda ck, f, out: ["sweep", ck, "--methods", "svd", "--keep", "0.5", "--data", "synthetic:8", *CPU,
+                                 "-o", out],
 }
 
 

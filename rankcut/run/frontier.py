@@ -1,0 +1,44 @@
+"""The accuracy/cost frontier of a sweep (``api.sweep``): point keys, Pareto marks and the recommendation.
+
+A point is a dict with its key (``structure``, ``method`` (None for channels), ``kind``, ``fraction``), its
+``top1`` and its ``ratios`` to the original (``macs``, ``params``), as ``api.sweep`` makes them.
+"""
+
+from __future__ import annotations
+
+KINDS = ("keep", "macs", "params")  # latency budgets need a profile: not swept (yet)
+
+
+def point_key(point: dict) -> tuple:
+    return point["structure"], point["method"], point["kind"], float(point["fraction"])
+
+
+def label(point: dict) -> str:
+    """``pair/pca`` or ``channels``: one line of the plot, one group of the table."""
+    return point["structure"] if point["method"] is None else f"{point['structure']}/{point['method']}"
+
+
+def pareto(costs: list[float], accuracies: list[float]) -> list[bool]:
+    """Which points no other point beats: none is as cheap and as accurate, and strictly better in one."""
+    out = []
+    for c, a in zip(costs, accuracies):
+        out.append(not any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2 in zip(costs, accuracies)))
+    return out
+
+
+def recommend(points: list[dict], original_top1: float, within: float) -> int | None:
+    """The index of the cheapest point (MACs, then top-1) within ``within`` top-1 points of the original."""
+    floor = original_top1 - within / 100 - 1e-12
+    fits = [i for i, p in enumerate(points) if p["top1"] >= floor]
+    return min(fits, key=lambda i: (points[i]["ratios"]["macs"], -points[i]["top1"]), default=None)
+
+
+def summarize(original: dict, points: list[dict], within: float) -> dict:
+    """The points with their Pareto marks (top-1 vs MACs ratio) and the recommendation."""
+    marks = pareto([p["ratios"]["macs"] for p in points], [p["top1"] for p in points])
+    points = [{**p, "pareto": m} for p, m in zip(points, marks)]
+    best = recommend(points, original["top1"], within) if points else None
+    return {"original": original, "within": within, "points": points,
+            "recommendation": None if best is None else points[best]}
+
+

@@ -1,0 +1,30 @@
+"""``run.frontier``: the Pareto marks and the recommendation on hand-made cases."""
+
+from __future__ import annotations
+
+from rankcut.run.frontier import pareto, recommend, summarize
+
+
+def test_pareto_on_a_hand_made_frontier():
+    costs = [0.2, 0.3, 0.3, 0.5, 0.6, 0.5, 0.9]
+    top1s = [0.70, 0.80, 0.75, 0.90, 0.85, 0.90, 0.95]
+    # 0.3/0.75 is beaten by 0.3/0.80; 0.6/0.85 by 0.5/0.90; the two identical 0.5/0.90 points beat neither
+    assert pareto(costs, top1s) == [True, True, False, True, False, True, True]
+    assert pareto([], []) == []
+    assert pareto([0.5], [0.1]) == [True]
+
+
+def _point(macs: float, top1: float, method: str = "pca") -> dict:
+    return {"structure": "pair", "method": method, "kind": "macs", "fraction": macs, "top1": top1,
+            "ratios": {"macs": macs, "params": macs}}
+
+
+def test_the_recommendation_is_the_cheapest_point_within_the_margin():
+    points = [_point(0.5, 0.91), _point(0.3, 0.895), _point(0.2, 0.80), _point(0.3, 0.90, "fisher")]
+    assert recommend(points, 0.90, 1.0) == 3  # 0.3 MACs twice within a point: the more accurate one
+    assert recommend(points, 0.90, 0.0) == 3  # exactly the original's top-1 counts as within 0 points
+    assert recommend(points, 0.90, 10.0) == 2
+    assert recommend(points, 0.95, 1.0) is None
+    result = summarize({"top1": 0.90}, points, 1.0)
+    assert [p["pareto"] for p in result["points"]] == [True, False, True, True]
+    assert result["recommendation"]["method"] == "fisher"
