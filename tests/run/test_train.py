@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from builders import digits_npz
 from cli_helpers import rankcut
 
@@ -142,8 +143,20 @@ def test_pure_distillation_learns_from_unlabelled_images(trained, tmp_path):
     assert entry["teacher"] == str(trained) and entry["kd_alpha"] == 1.0
 
 
-def test_bf16_autocast_trains_and_writes_float32_weights(mnist_ckpt, tmp_path):
+def test_bf16_autocast_trains_and_writes_float32_weights(mnist_ckpt, tmp_path, monkeypatch):
+    """The training forward really runs under bf16 autocast (linear outputs in bfloat16), the weights stay float32."""
+    seen = []
+    linear_forward = nn.Linear.forward
+
+    def recording(self, x):
+        out = linear_forward(self, x)
+        if torch.is_grad_enabled():  # a training forward, not the teacher's or an evaluation's
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(nn.Linear, "forward", recording)
     out = tmp_path / "amp.safetensors"
     rankcut("finetune", mnist_ckpt, "--data", "synthetic:64", "--amp", "-b", "32", "--device", "cpu", "-o", out)
+    assert seen and set(seen) == {torch.bfloat16}, f"training linear outputs had dtypes {set(seen)}"
     model, _ = load_with_meta(out)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
