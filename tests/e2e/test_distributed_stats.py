@@ -12,6 +12,8 @@ import torch
 
 from rankcut.files.safenpz import read_npz
 
+pytestmark = pytest.mark.timeout(600)  # each test starts a few torchrun jobs (each limited to 300 s)
+
 
 def rankcut(*args, nproc: int = 1, env=None) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "rankcut.cli"] if nproc == 1 else [
@@ -44,7 +46,6 @@ def test_two_process_stats_equal_single_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
 def test_fewer_samples_than_processes_is_one_line_from_rank_0(tmp_path):
     ckpt = tmp_path / "base.safetensors"
     assert rankcut("init", "--arch", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-o", ckpt).returncode == 0
