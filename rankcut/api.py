@@ -90,6 +90,9 @@ def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, c
     """
     ctx = ctx or dist.Context(0, 1, next(model.parameters()).device)
     targets = select(model, contract, list(config.layers or []) or None, list(config.exclude or []) or None)
+    if len(dataset) < ctx.world:  # every process checks, so all stop together and rank 0 says why
+        raise RankcutError(f"the data has {len(dataset)} sample(s), fewer than the {ctx.world} processes torchrun "
+                           "started: give every process at least one (more data or a smaller --nproc_per_node)")
     batches = loader(shard(dataset, ctx.rank, ctx.world), config.batch_size, config.workers)
 
     def stage(name: str):

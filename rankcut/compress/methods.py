@@ -208,9 +208,17 @@ def layer_basis(layer: nn.Module, name: str, stats: LayerStats | None, method: M
     method.check_stats(stats)
     try:
         with torch.no_grad():
-            return method.basis(layer, stats, **{k: options[k] for k in method.options if k in options})
+            basis = method.basis(layer, stats, **{k: options[k] for k in method.options if k in options})
     except torch.linalg.LinAlgError as e:
         raise RankcutError(f"--method {method.name} failed on layer {name}: {one_line(str(e))[:160]}") from None
+    if not all(torch.isfinite(t).all() for t in (basis.up, basis.down, basis.mu)):
+        if "damping" in method.options and options.get("damping") == 0:
+            why = ("its output-gradient covariance G is singular and --damping 0 cannot invert it; "
+                   f"use --damping > 0 (default {DEFAULT_DAMPING:g})")
+        else:
+            why = "its weights or statistics are too extreme"
+        raise RankcutError(f"--method {method.name} gave a non-finite basis for layer {name}: {why}; nothing written")
+    return basis
 
 
 def foldable_bn(model: nn.Module, target: Target) -> nn.modules.batchnorm._BatchNorm | None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from cli_helpers import invoke
 from torch import nn
 
 from rankcut.compress.methods import METHODS
-from rankcut.files.checkpoint import load_with_meta
+from rankcut.files.checkpoint import load_with_meta, save
 from rankcut.model.cost import count_macs
 from rankcut.model.edits import get_module
 from rankcut.model.layers import LowRank
@@ -145,3 +146,41 @@ def test_cli_budget_report_and_repeat(tmp_path, mnist_files, run_cli):
         current = out
     table = run_cli(["project", ckpt, "--stats", mnist_files[1], "--macs", "0.4", "-o", tmp_path / "t.safetensors"])
     assert "budget loss" in table.stdout and "macs budget 40.00%" in table.stdout
+
+
+def _logits(path, x):
+    with torch.no_grad():
+        return load_with_meta(path)[0](x).double()
+
+
+def test_cli_fisher_damping_reaches_the_method(tmp_path, small_files, run_cli):
+    """A huge --damping makes G a multiple of I, where fisher's pair is pca's; the default damping is not."""
+    common = ["--stats", small_files["grad"], "--keep", "0.5"]
+    outs = {name: tmp_path / f"{name}.safetensors" for name in ("pca", "huge", "default")}
+    run_cli(["project", small_files["ckpt"], *common, "--method", "pca", "-o", outs["pca"], "--quiet"])
+    run_cli(["project", small_files["ckpt"], *common, "--method", "fisher", "--damping", "1e12", "-o", outs["huge"],
+             "--quiet"])
+    run_cli(["project", small_files["ckpt"], *common, "--method", "fisher", "-o", outs["default"], "--quiet"])
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    pca, huge, default = (_logits(outs[n], x) for n in ("pca", "huge", "default"))
+    assert (huge - pca).norm() / pca.norm() < 1e-5
+    assert (default - pca).norm() / pca.norm() > 1e-3
+
+
+def test_cli_fisher_without_damping_on_a_singular_g_is_one_clear_line(tmp_path, mnist_ckpt, run_cli):
+    """Half of fc1's units are dead (ReLU of a negative constant): no gradient reaches them, G is singular."""
+    model, meta = load_with_meta(mnist_ckpt)
+    with torch.no_grad():
+        model.fc1.weight[:64] = 0
+        model.fc1.bias[:64] = -1.0
+    dead, stats, out = tmp_path / "dead.safetensors", tmp_path / "g.npz", tmp_path / "p.safetensors"
+    save(model, meta, dead)
+    run_cli(["stats", dead, "--data", "synthetic:16", "--grad", "kl", "--layers", "fc1", "--device", "cpu", "-o",
+             stats, "--quiet"])
+    line = run_cli(["project", dead, "--stats", stats, "--method", "fisher", "--damping", "0", "--keep", "0.5",
+                    "-o", out], fails=True).message
+    assert line == ("error: --method fisher gave a non-finite basis for layer fc1: its output-gradient covariance G "
+                    "is singular and --damping 0 cannot invert it; use --damping > 0 (default 0.001); nothing written")
+    assert not out.exists()
+    run_cli(["project", dead, "--stats", stats, "--method", "fisher", "--keep", "0.5", "-o", out, "--quiet"])
+    assert all(torch.isfinite(p).all() for p in load_with_meta(out)[0].parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from builders import with_weights
 
@@ -41,3 +42,26 @@ def test_stats_names_the_layer_not_its_batchnorm(run_cli, small_files, tmp_path)
                           **{"layer2.conv1.weight": torch.full((8, 4, 3, 3), 3e38)})
     line = run_cli(["stats", blown, "--data", "synthetic:8", *CPU, "-o", tmp_path / "s.npz"], fails=True).message
     assert line.startswith("error: layer layer2.conv1 ")
+
+
+def test_cli_stats_exclude_drops_layers_and_refuses_a_pattern_matching_none(tmp_path, mnist_ckpt, run_cli):
+    stats = tmp_path / "s.npz"
+    data = run_cli(["stats", mnist_ckpt, "--data", "synthetic:8", *CPU, "--exclude", "conv*", "-o", stats,
+                    "--json"]).data
+    assert [row["layer"] for row in data["layers"]] == ["fc1"]
+    out = tmp_path / "none.npz"
+    line = run_cli(["stats", mnist_ckpt, "--data", "synthetic:8", *CPU, "--exclude", "conv9,fc9", "-o", out],
+                   fails=True).message
+    assert "--exclude 'conv9' matches no target layer" in line and not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "foo"], "--device must be auto, cpu or cuda, got 'foo'"),
+    (["--device", "cuda"], "--device cuda was asked for but no CUDA GPU is available"),
+    (["--grad", "kl", "--probes", "0", *CPU], "--probes must be at least 1"),
+])
+def test_cli_stats_refuses_bad_devices_and_probes(tmp_path, mnist_ckpt, run_cli, monkeypatch, args, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+    out = tmp_path / "s.npz"
+    line = run_cli(["stats", mnist_ckpt, "--data", "synthetic:8", *args, "-o", out], fails=True).message
+    assert line == f"error: {message}" and not out.exists()

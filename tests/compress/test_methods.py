@@ -16,6 +16,7 @@ from rankcut.model.layers import project_layer
 from rankcut.model.targets import select
 from rankcut.run.data import mnist5k
 from rankcut.stats.collect import collect_gradients, collect_moments
+from rankcut.stats.moments import Moments
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,109 @@ def test_every_method_at_full_rank_reproduces_outputs(trained, method):
         after = model(x)
     assert len(edits) == len(targets)
     assert ((after - before).norm() / before.norm()) < 1e-4
+
+
+# --- The choice each method makes at low rank, against an independent reference ---------------------------
+# At full rank every orthonormal basis is exact, so these run at ranks where the choice matters.
+
+
+def _stats(mean, covariance=None, **grad):
+    """LayerStats from given moments (count 1: m2 is the covariance) and gradient sums (count 1)."""
+    c = len(mean)
+    cov = torch.eye(c, dtype=torch.float64) if covariance is None else covariance
+    grad = {k: v.double() for k, v in grad.items()}
+    if grad:
+        grad["grad_count"] = torch.tensor(1.0, dtype=torch.float64)
+    return LayerStats(None, Moments(1.0, mean.double(), cov.double()), grad)
+
+
+def _spd(eigenvalues, seed):
+    """A symmetric matrix with the given eigenvalues and a random orthonormal eigenbasis (returned too)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=torch.float64)).Q
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T, q
+
+
+def _effective_weight(pair):
+    """The pair's weight as a matrix: up @ down (C x fan-in), and its bias."""
+    up = pair.up.weight.reshape(pair.up.weight.shape[0], -1).double()
+    down = pair.down.weight.reshape(pair.down.weight.shape[0], -1).double()
+    return up @ down, up @ pair.down.bias.double() + pair.up.bias.double()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_svd_at_low_rank_discards_exactly_the_smallest_singular_values(k):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 8, 3).double()
+    w = layer.weight.detach().reshape(8, -1).double()
+    svals = torch.linalg.svdvals(w)
+    basis = METHODS["svd"].basis(layer, None)
+    w_k, b_k = _effective_weight(project_layer(layer, *basis.pair(k)))
+    error = (w - w_k).pow(2).sum()
+    torch.testing.assert_close(error, svals[k:].pow(2).sum(), rtol=1e-9, atol=1e-12)  # Eckart-Young optimum
+    torch.testing.assert_close(basis.loss[k], svals[k:].pow(2).sum(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(b_k, layer.bias.double(), rtol=0, atol=1e-12)  # the bias passes through
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_l1_at_low_rank_keeps_exactly_the_largest_norm_filters_and_outputs_the_mean_elsewhere(k):
+    g = torch.Generator().manual_seed(5)
+    layer = nn.Linear(4, 6).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(6, 4, generator=g, dtype=torch.float64)
+                           * torch.tensor([0.5, 3.0, 1.0, 0.1, 2.0, 4.0], dtype=torch.float64)[:, None])
+    norms = [sum(abs(v) for v in row) for row in layer.weight.tolist()]
+    largest = set(sorted(range(6), key=lambda i: -norms[i])[:k])
+    mean = torch.randn(6, generator=g, dtype=torch.float64)
+    pair = project_layer(layer, *METHODS["l1"].basis(layer, _stats(mean)).pair(k))
+    x = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        z, z_k = layer(x), pair(x)
+    kept = {c for c in range(6) if torch.allclose(z_k[:, c], z[:, c], rtol=0, atol=1e-12)}
+    assert kept == largest, f"kept channels {sorted(kept)}, largest-L1 filters {sorted(largest)}"
+    for c in set(range(6)) - largest:
+        torch.testing.assert_close(z_k[:, c], mean[c].expand(7), rtol=0, atol=1e-12)
+
+
+def test_hessian_basis_maximises_vhv_of_the_hessian_statistic_not_of_g():
+    """Built from ``hessian``: top-k directions carry the top-k eigenvalues of H; G is made to disagree."""
+    h, q = _spd([9.0, 5.0, 2.0, 1.0, 0.5, 0.1], seed=1)
+    g_m2 = q @ torch.diag(torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0, 9.0], dtype=torch.float64)) @ q.T  # reversed order
+    basis = METHODS["hessian"].basis(None, _stats(torch.zeros(6), hessian=h, grad_m2=g_m2))
+    for k, top in ((1, 9.0), (2, 14.0), (3, 16.0)):
+        up, down, _ = basis.pair(k)
+        torch.testing.assert_close(up.T @ up, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
+        torch.testing.assert_close((up.T @ h @ up).trace().item(), top, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(basis.loss[k].item(), 17.6 - top, rtol=1e-9, atol=1e-9)
+    v = basis.up[:, 0]
+    r = torch.randn(500, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    r = r / r.norm(dim=1, keepdim=True)
+    assert (v @ h @ v) >= torch.einsum("ni,ij,nj->n", r, h, r).max()
+
+
+def _kron_loss(up, down, g, sigma):
+    """tr(G E Sigma E^T) with E = I - up down: the Kronecker-factored output change fisher minimises."""
+    e = torch.eye(len(g), dtype=torch.float64) - up @ down
+    return (g @ e @ sigma @ e.T).trace().item()
+
+
+def test_loss_aware_bases_choose_what_pca_discards():
+    """Channel 0 has most variance but the loss barely depends on it; channel 1 matters: pca and the
+    loss-aware methods keep different channels at rank 1, and the loss-aware choice has the smaller loss."""
+    sigma = torch.diag(torch.tensor([10.0, 1.0, 0.5], dtype=torch.float64))
+    g = torch.diag(torch.tensor([0.01, 100.0, 1.0], dtype=torch.float64))
+    h = torch.diag(torch.tensor([0.1, 100.0, 0.5], dtype=torch.float64))
+    stats = _stats(torch.zeros(3), sigma, hessian=h, grad_m2=g)
+    bases = {m: METHODS[m].basis(None, stats) for m in ("pca", "hessian")}
+    bases["fisher"] = METHODS["fisher"].basis(None, stats, damping=0.0)  # undamped: the loss below is exact
+    pairs = {m: basis.pair(1) for m, basis in bases.items()}
+    keeps = {m: (up @ down).diagonal().argmax().item() for m, (up, down, _) in pairs.items()}
+    assert keeps == {"pca": 0, "fisher": 1, "hessian": 1}, keeps
+    fisher_loss = _kron_loss(*pairs["fisher"][:2], g, sigma)
+    assert fisher_loss < _kron_loss(*pairs["pca"][:2], g, sigma) / 10
+    torch.testing.assert_close(fisher_loss, bases["fisher"].loss[1].item(), rtol=1e-9, atol=0)
+    # fisher is the minimiser over every rank-1 map, not only over projections onto channels
+    r = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        a, b = torch.randn(3, 1, generator=r, dtype=torch.float64), torch.randn(1, 3, generator=r, dtype=torch.float64)
+        assert _kron_loss(a, b, g, sigma) >= fisher_loss * (1 - 1e-9)

@@ -12,6 +12,8 @@ import torch
 
 from rankcut.files.safenpz import read_npz
 
+pytestmark = pytest.mark.timeout(600)  # each test starts a few torchrun jobs (each limited to 300 s)
+
 
 def rankcut(*args, nproc: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "rankcut.cli"] if nproc == 1 else [

@@ -13,6 +13,8 @@ import torch
 
 from rankcut.files.checkpoint import load_with_meta, read_meta
 
+pytestmark = pytest.mark.timeout(600)  # each test starts a few torchrun jobs (each limited to 300 s)
+
 
 def torchrun(*args) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

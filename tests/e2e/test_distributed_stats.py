@@ -12,6 +12,8 @@ import torch
 
 from rankcut.files.safenpz import read_npz
 
+pytestmark = pytest.mark.timeout(600)  # each test starts a few torchrun jobs (each limited to 300 s)
+
 
 def rankcut(*args, nproc: int = 1, env=None) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "rankcut.cli"] if nproc == 1 else [
@@ -41,3 +43,17 @@ def test_two_process_stats_equal_single_process(tmp_path):
         err = np.linalg.norm(a[key] - b[key]) / max(np.linalg.norm(a[key]), 1e-30)
         assert err < 1e-6, f"{key}: relative difference {err:.2e}"
     assert not list(tmp_path.glob("*.part")), "only rank 0 writes, atomically"
+
+
+@pytest.mark.slow
+def test_fewer_samples_than_processes_is_one_line_from_rank_0(tmp_path):
+    ckpt = tmp_path / "base.safetensors"
+    assert rankcut("init", "--arch", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-o", ckpt).returncode == 0
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 28, 28), np.uint8))
+    out = tmp_path / "s.npz"
+    r = rankcut("stats", ckpt, "--data", tmp_path / "one.npz", "--device", "cpu", "-o", out, nproc=2)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and r.stdout == "", r.stderr
+    assert errors == ["error: the data has 1 sample(s), fewer than the 2 processes torchrun started: give every "
+                      "process at least one (more data or a smaller --nproc_per_node)"], r.stderr
+    assert not out.exists()

@@ -15,6 +15,8 @@ from cli_helpers import run
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
+pytestmark = pytest.mark.timeout(900)  # an example script runs for minutes (limited to 600 s), then its checks
+
 
 def example(name: str, out: Path, **settings) -> subprocess.CompletedProcess:
     """``bash examples/NAME`` with ``settings`` as environment variables and this Python's rankcut first on PATH."""

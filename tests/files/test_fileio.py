@@ -72,7 +72,7 @@ def test_outputs_get_ordinary_permissions(tmp_path):
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead.wait(timeout=60)
     out = tmp_path / "out.safetensors"
     stale = tmp_path / f".out.safetensors.{host}-{dead.pid}.abc123.part"
     live = tmp_path / f".out.safetensors.{host}-{os.getppid()}.def456.part"  # a process that is running

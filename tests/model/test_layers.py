@@ -21,7 +21,19 @@ LAYERS = {
     "conv": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 9, 9)),
     "conv without bias": (lambda: nn.Conv2d(4, 6, 3, padding=1, bias=False), (2, 4, 5, 5)),
     "linear": (lambda: nn.Linear(5, 6), (3, 5)),
+    "dilated conv": (lambda: nn.Conv2d(4, 6, 3, stride=1, padding=2, dilation=2), (2, 4, 9, 9)),
 }
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_folding_a_batchnorm_without_affine_parameters(kind):
+    make, shape = LAYERS[kind]
+    layer = _seeded(make())
+    bn = _seeded((nn.BatchNorm2d if layer.weight.dim() == 4 else nn.BatchNorm1d)(6, affine=False), seed=5)
+    assert bn.weight is None and bn.running_mean.abs().max() > 0.1
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_batchnorm(layer, bn)(x), bn(layer(x)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))

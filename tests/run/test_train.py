@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from builders import digits_npz
 from cli_helpers import rankcut
 
@@ -17,7 +18,7 @@ from rankcut.files.checkpoint import load_with_meta, read_meta, save
 from rankcut.model.edits import LowRankPair, get_module, ranks, set_module
 from rankcut.model.layers import project_layer
 from rankcut.run.data import open_data
-from rankcut.run.train import DistillationLoss, TrainConfig, fit, lr_at, parameter_digest
+from rankcut.run.train import DistillationLoss, TrainConfig, fit, lr_at, make_optimizer, parameter_digest
 
 RECIPE = ["--optimizer", "adamw", "--lr", "2e-3", "-b", "32", "--device", "cpu"]
 
@@ -142,8 +143,80 @@ def test_pure_distillation_learns_from_unlabelled_images(trained, tmp_path):
     assert entry["teacher"] == str(trained) and entry["kd_alpha"] == 1.0
 
 
-def test_bf16_autocast_trains_and_writes_float32_weights(mnist_ckpt, tmp_path):
+def test_bf16_autocast_trains_and_writes_float32_weights(mnist_ckpt, tmp_path, monkeypatch):
+    """The training forward really runs under bf16 autocast (linear outputs in bfloat16), the weights stay float32."""
+    seen = []
+    linear_forward = nn.Linear.forward
+
+    def recording(self, x):
+        out = linear_forward(self, x)
+        if torch.is_grad_enabled():  # a training forward, not the teacher's or an evaluation's
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(nn.Linear, "forward", recording)
     out = tmp_path / "amp.safetensors"
     rankcut("finetune", mnist_ckpt, "--data", "synthetic:64", "--amp", "-b", "32", "--device", "cpu", "-o", out)
+    assert seen and set(seen) == {torch.bfloat16}, f"training linear outputs had dtypes {set(seen)}"
     model, _ = load_with_meta(out)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_label_smoothing_mixes_cross_entropy_with_the_mean_negative_log_probability():
+    g = torch.Generator().manual_seed(1)
+    s, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.tensor([0, 3, 1, 2, 3])
+    logp = s.log_softmax(1)
+    eps = 0.2
+    expected = ((1 - eps) * -logp[torch.arange(5), y] + eps * -logp.mean(1)).mean()
+    torch.testing.assert_close(DistillationLoss(0.0, label_smoothing=eps)(s, y)["loss"], expected)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_uses_momentum_and_decays_only_weights(optimizer):
+    """A step with zero gradients: only weight decay moves parameters, and only matrices and kernels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 3))
+    cfg = TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.6, weight_decay=0.5)
+    opt = make_optimizer(model, cfg)
+    assert [g.get("momentum", g.get("betas", (None,))[0]) for g in opt.param_groups] == [0.6, 0.6]
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * 0.5), msg=name)
+        else:
+            assert torch.equal(p.detach(), before[name]), f"{name} was decayed"
+
+
+def test_cli_finetune_options_reach_the_optimizer_and_the_loss(mnist_ckpt, tmp_path, monkeypatch):
+    """--momentum, --label-smoothing, --kd-temperature and the default mixed distillation (a teacher, no --kd-alpha)."""
+    import rankcut.run.train as train
+
+    made = {}
+
+    def recording_optimizer(model, cfg):
+        made["optimizer"] = make_optimizer(model, cfg)
+        return made["optimizer"]
+
+    class RecordingLoss(DistillationLoss):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made["loss"] = self
+
+        def __call__(self, logits, labels, teacher_logits=None):
+            parts = super().__call__(logits, labels, teacher_logits)
+            made.setdefault("parts", set(parts))
+            return parts
+
+    monkeypatch.setattr(train, "make_optimizer", recording_optimizer)
+    monkeypatch.setattr(train, "DistillationLoss", RecordingLoss)
+    rankcut("finetune", mnist_ckpt, "--data", "synthetic:32", "--teacher", mnist_ckpt, "--optimizer", "sgd",
+            "--momentum", "0.3", "--label-smoothing", "0.15", "--kd-temperature", "5", "-b", "16", "--device", "cpu",
+            "-o", tmp_path / "out.safetensors")
+    assert isinstance(made["optimizer"], torch.optim.SGD)
+    assert {g["momentum"] for g in made["optimizer"].param_groups} == {0.3}
+    loss = made["loss"]
+    assert (loss.alpha, loss.temperature, loss.label_smoothing) == (0.5, 5.0, 0.15)
+    assert made["parts"] == {"ce", "kd", "loss"}
