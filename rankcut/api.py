@@ -80,6 +80,18 @@ def _check_loading(batch_size: int, workers: int) -> None:
         raise RankcutError(f"--workers must be 0 or more, got {workers}")
 
 
+def _stages(progress, total: int):
+    """``stage(name)`` adds a progress task of ``total`` steps and returns the callback that advances it."""
+
+    def stage(name: str):
+        if progress is None:
+            return lambda: None
+        task = progress.add_task(name, total=total, info="")
+        return lambda: progress.advance(task)
+
+    return stage
+
+
 def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, config: StatsConfig, *,
                   checkpoint: str = "", ctx: dist.Context | None = None, progress=None,
                   info: dict | None = None) -> StatsFile:
@@ -94,12 +106,7 @@ def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, c
         raise RankcutError(f"the data has {len(dataset)} sample(s), fewer than the {ctx.world} processes torchrun "
                            "started: give every process at least one (more data or a smaller --nproc_per_node)")
     batches = loader(shard(dataset, ctx.rank, ctx.world), config.batch_size, config.workers)
-
-    def stage(name: str):
-        if progress is None:
-            return lambda: None
-        task = progress.add_task(name, total=len(batches), info="")
-        return lambda: progress.advance(task)
+    stage = _stages(progress, len(batches))
 
     chains = [] if config.structure == "pair" else select_chains(find_chains(model, contract)[0],
                                                                   list(config.layers or []) or None,
@@ -428,12 +435,7 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
     if teacher is not None:
         teacher.eval()
     batches = loader(shard(dataset, ctx.rank, ctx.world), config.batch_size, config.workers)
-
-    def stage(name: str):
-        if progress is None:
-            return lambda: None
-        task = progress.add_task(name, total=len(batches), info="")
-        return lambda: progress.advance(task)
+    stage = _stages(progress, len(batches))
 
     targets, skipped = ([], {}) if config.bn_only else refit_targets(model, teacher, contract, config.every)
     norms = batchnorms_after_change(model, teacher, contract)
