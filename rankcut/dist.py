@@ -69,3 +69,18 @@ def all_reduce_sum_(tensors: list[torch.Tensor], ctx: Context) -> None:
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         td.barrier()
+
+
+def all_gather_rows(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The rows of ``t`` from every process, concatenated in rank order (each may have a different number)."""
+    if not ctx.distributed:
+        return t
+    counts = torch.zeros(ctx.world, dtype=torch.int64, device=ctx.device)
+    counts[ctx.rank] = len(t)
+    all_reduce_sum_([counts], ctx)
+    most = int(counts.max().item())
+    padded = torch.zeros(most, *t.shape[1:], dtype=t.dtype, device=ctx.device)
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(ctx.world)]
+    td.all_gather(parts, padded)
+    return torch.cat([part[:int(n)] for part, n in zip(parts, counts.tolist())]).to(t.device)

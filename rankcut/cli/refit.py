@@ -65,7 +65,8 @@ def refit(
 
     Cost: one forward pass of both models over the N samples per refitted layer, and per layer a float64
     matrix of P x P, P = inputs per output + 1 (8 P^2 bytes: 170 MB for a 3x3 conv reading 512 channels),
-    factorised once (P^3 / 3 operations). Under torchrun the sums are combined across processes.
+    factorised once (P^3 / 3 operations); with no more rows (N x output positions) than P, the rows are kept
+    and solved in their space instead (N x N). Under torchrun the sums are combined across processes.
     """
     config = RefitConfig(damping=damping, rounds=rounds, bn_only=bn_only, every=every, batch_size=batch_size,
                          workers=workers)

@@ -1,5 +1,6 @@
 """``compress.refit``: the closed-form refit reaches exact solutions, changes nothing that is already right,
-never increases its objective, re-estimates BatchNorm exactly, and refuses what it cannot do."""
+never increases its objective, re-estimates BatchNorm exactly, solves the same in its primal (Gram matrix)
+and dual (rows) forms, and refuses what it cannot do."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import torch.nn.functional as F
+
 from rankcut.api import RefitConfig, refit
+from rankcut.compress.refit import Problem, RefitTarget, Sums, _rows, layer_sums, refit_one, refit_pair
+from rankcut.dist import Context
 from rankcut.errors import RankcutError
 from rankcut.model.archs import InputContract
 from rankcut.model.edits import FoldBatchNorm, LowRankPair, set_module
@@ -177,3 +182,97 @@ def test_refusals():
     other = nn.Sequential(nn.Conv2d(2, 4, 3))
     with pytest.raises(RankcutError, match="teacher"):
         refit(model, other, CONTRACT, _data(), RefitConfig())
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _sums(xs: torch.Tensor, ys: torch.Tensor, max_rows: int, batch: int = 15) -> Sums:
+    p, c = xs.shape[1], ys.shape[1]
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    sums = Sums(z(c, p), z(()), z(c), z(()), rows_x=z(0, p), rows_y=z(0, c))
+    for x, y in zip(xs.split(batch), ys.split(batch)):
+        sums.add(x, y, max_rows)
+    return sums
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("damping", [0.0, 1e-3, 0.3])
+def test_primal_and_dual_forms_solve_the_same_problem(bias, damping):
+    """45 rows of 60 inputs (+1): kept as rows (dual), turned into the Gram matrix after 30 rows, or summed as
+    the Gram matrix from the start (primal): the same maps, pair steps and objectives to 1e-6 relative."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(45, 60, generator=g, dtype=torch.float64) + 0.5  # a non-zero mean: the bias matters
+    xs = torch.cat([x, torch.ones(45, 1, dtype=torch.float64)], 1)
+    ys = x @ torch.randn(60, 7, generator=g, dtype=torch.float64) + torch.randn(45, 7, generator=g,
+                                                                                  dtype=torch.float64)
+    forms = {"dual": _sums(xs, ys, 10**6), "switched": _sums(xs, ys, 30), "primal": _sums(xs, ys, 0)}
+    assert [s.dual for s in forms.values()] == [True, False, False]
+    assert forms["dual"].xx is None  # no 61 x 61 Gram matrix in the dual form
+    problems = {k: Problem.of(s, damping, bias) for k, s in forms.items()}
+    primal = problems["primal"]
+    p = primal.b.shape[1]
+    down = torch.randn(3, p, generator=g, dtype=torch.float64)
+    up, up_bias = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    expected = refit_pair(primal, down, up, up_bias, rounds=2)
+    for name, problem in problems.items():
+        assert problem.delta == pytest.approx(primal.delta, rel=1e-12)
+        assert _relative(problem.solve(), primal.solve()) < 1e-6, name
+        assert _relative(problem.gram(down), primal.gram(down)) < 1e-9, name
+        got = refit_pair(problem, down, up, up_bias, rounds=2)
+        for a, b in zip(got[:3], expected[:3]):
+            assert _relative(a, b) < 1e-6, name
+        assert got[3] == pytest.approx(expected[3], rel=1e-6, abs=1e-9), name
+    # Both solve the normal equations: B = M (A + delta D), D the identity on the weights only.
+    a = forms["primal"].xx / 45
+    a = a if bias else a[:-1, :-1]
+    mask = torch.ones(p, dtype=torch.float64)
+    if bias:
+        mask[-1] = 0
+    a_reg = a + torch.diag(mask * primal.delta)
+    residual = primal.b - problems["dual"].solve() @ a_reg
+    assert residual.norm() < 1e-8 * primal.b.norm()
+    for problem in problems.values():
+        assert _relative(problem.gram(down), down @ a_reg @ down.T) < 1e-9
+        assert _relative(problem.gram(down, damped=False), down @ a @ down.T) < 1e-9
+
+
+def test_a_wide_layer_is_refitted_from_its_rows_the_same_as_from_its_gram_matrix():
+    """Tiny's fc1 reads 216 inputs; 96 samples give 96 rows, so the pass keeps the rows (dual form). Forcing
+    the Gram matrix (primal form) gives the same pair to 1e-6 relative, with and without damping."""
+    teacher, data = _teacher(), _data()
+    batches = torch.utils.data.DataLoader(data, batch_size=32)
+    ctx = Context(0, 1, torch.device("cpu"))
+    for damping in (0.0, 1e-3):
+        models = {}
+        for form, max_rows in (("dual", None), ("primal", 0)):
+            model = copy.deepcopy(teacher)
+            _random_pair(model, "fc1", 3)
+            target = RefitTarget("fc1", "pair", "fc1")
+            sums = layer_sums(model, teacher, target, batches, ctx, max_rows=max_rows)
+            assert sums.dual == (form == "dual")
+            report = refit_one(model, target, sums, damping, rounds=2)
+            assert report.status == "refit" and report.error_after < report.error_before
+            models[form] = (model, report)
+        (dual, r_dual), (primal, r_primal) = models["dual"], models["primal"]
+        for key, value in primal.state_dict().items():
+            assert _relative(dual.state_dict()[key].double(), value.double()) < 1e-6, (damping, key)
+        assert r_dual.objective == pytest.approx(r_primal.objective, rel=1e-6)
+        assert r_dual.error_after == pytest.approx(r_primal.error_after, rel=1e-6)
+
+
+@pytest.mark.parametrize("conv", [dict(), dict(padding=1), dict(stride=2, padding=(2, 1)), dict(dilation=2, padding=1),
+                                  dict(kernel_size=(1, 3), stride=(2, 1))])
+def test_conv_rows_are_unfold_order_patches_with_a_one(conv):
+    """The rows refit sums are the conv's input patches in its weight's order: patch x weight = its output."""
+    layer = nn.Conv2d(3, 5, **{"kernel_size": 3, **conv})
+    x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = layer(x)
+    xs, ys = _rows(layer, x, y)
+    expected = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
+    assert torch.equal(xs[:, :-1], expected.reshape(-1, xs.shape[1] - 1).double())
+    assert torch.equal(xs[:, -1], torch.ones(len(xs), dtype=torch.float64))
+    w = torch.cat([layer.weight.reshape(5, -1), layer.bias[:, None]], 1).double().detach()
+    assert torch.allclose(xs @ w.T, ys, atol=1e-5)
