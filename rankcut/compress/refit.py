@@ -298,10 +298,11 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
                     raise RankcutError(f"the teacher's {target.capture} has {ys.shape[1]} outputs, {target.name} {c}")
                 sums.add(xs, ys, max_rows)
                 advance()
+            # Inside inference mode: a Gram matrix made from the rows in it is an inference tensor.
+            sums = sums.all_reduce(ctx, max_rows)
     finally:
         for h in handles:
             h.remove()
-    sums = sums.all_reduce(ctx, max_rows)
     if not sums.finite():
         raise RankcutError(f"{target.name} or the teacher produced NaN or Inf on the data; nothing written")
     return sums
