@@ -3,12 +3,13 @@
 For ``rankcut:mnist-cnn`` and ``torchvision:resnet18`` (3x28x28), each trained briefly on ``mnist5k:train``:
 at each MACs fraction, project with ``--macs F`` and with the largest uniform ``--keep`` whose MACs stay
 within the same budget (found by bisection on the exact cost model, then checked on the projected model),
-for pca and for fisher (``stats --grad kl``); then fine-tune each for one epoch with the same settings and
-report test accuracy on ``mnist5k:test`` before and after.
+for pca and for fisher (``stats --grad kl``), all in one ``rankcut.api.sweep``; then fine-tune each point's
+checkpoint for one epoch with the same settings and report test accuracy on ``mnist5k:test`` before and after.
 
     python bench/bench_budget.py [--work DIR] [--archs rankcut:mnist-cnn torchvision:resnet18] [--samples 1000]
 
-Every step is the rankcut CLI run in this process (``--json``), so the numbers are what a user gets.
+Training, statistics and fine-tuning are the rankcut CLI run in this process (``--json``) and the points are
+what ``rankcut sweep`` computes, so the numbers are what a user gets.
 The test set has 1,000 digits: differences under about 1% are within noise. Took 6.5 min (mnist-cnn) and
 29 min (resnet18) on 2 cores shared with other jobs (load average ~8); most of it is fine-tuning and the
 ``--grad kl`` statistics pass.
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,7 +28,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from common import rankcut, show
+from common import machine, rankcut, show, sweep_checkpoint
+from rankcut.api import EvalConfig, SweepConfig
 from rankcut.compress.budget import layer_options, ranks_from_keep
 from rankcut.files.checkpoint import load_with_meta
 from rankcut.model.cost import count_macs
@@ -84,39 +84,39 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], dict]:
         rankcut("init", "--arch", arch, *INIT[arch], "--seed", "0", "-o", base0, "--force")
         rankcut("finetune", base0, "--data", TRAIN, "--epochs", args.base_epochs, "--lr", 2e-3, "--batch-size", 64,
                 "--seed", "0", "-o", base, "--force")
-    info = {"arch": arch, "train_s": time.perf_counter() - start, "top1": accuracy(base)}
-    log(f"{arch}: trained {args.base_epochs} epochs in {info['train_s']:.0f} s, test top-1 {info['top1']:.4f}")
+    info = {"arch": arch, "train_s": time.perf_counter() - start}
+    log(f"{arch}: trained {args.base_epochs} epochs in {info['train_s']:.0f} s")
     stats = work / f"{name}.stats.npz"
     start = time.perf_counter()
     rankcut("stats", base, "--data", TRAIN, "--samples", args.samples, "--grad", "kl", "-o", stats, "--force")
     info["stats_s"] = time.perf_counter() - start
+    keeps = {uniform_keep(base, fraction): fraction for fraction in args.fractions}  # the uniform twin of each budget
+    config = SweepConfig(methods=tuple(args.methods), budgets=tuple(("macs", f) for f in args.fractions) + tuple(
+        ("keep", k) for k in keeps), eval=EvalConfig(batch_size=250))
+
+    def tune(point: dict, small: Path) -> None:
+        tuned = small.with_name(f"{small.stem}.tuned.safetensors")
+        rankcut("finetune", small, "--data", TRAIN, "--epochs", 1, "--lr", args.lr, "--batch-size", 64,
+                "--seed", "0", "-o", tuned, "--force")
+        point["after"] = accuracy(tuned)
+        log(f"{small.stem}: MACs x{point['ratios']['macs']:.4f}, top-1 {point['top1']:.4f} -> {point['after']:.4f} "
+            "after 1 epoch")
+
+    result = sweep_checkpoint(base, stats, TEST, config, after=tune)
+    info["top1"] = result["original"]["top1"]
+    by_key = {(p["method"], p["kind"], p["fraction"]): p for p in result["points"]}
     rows = []
     for fraction in args.fractions:
-        keep = uniform_keep(base, fraction)
+        keep = next(k for k, f in keeps.items() if f == fraction)
         for method in args.methods:
             for alloc in ("budget", "uniform"):
-                tag = f"{name}-{method}-{alloc}-{fraction}"
-                small, tuned = work / f"{tag}.safetensors", work / f"{tag}.tuned.safetensors"
-                how = ["--macs", fraction] if alloc == "budget" else ["--keep", keep]
-                p = rankcut("project", base, "--stats", stats, "--method", method, *how, "-o", small, "--force")
-                assert p["totals"]["macs_after"] <= fraction * p["totals"]["macs_before"], tag
-                before = accuracy(small)
-                rankcut("finetune", small, "--data", TRAIN, "--epochs", 1, "--lr", args.lr, "--batch-size", 64,
-                        "--seed", "0", "-o", tuned, "--force")
-                after = accuracy(tuned)
-                ranks = {r["layer"]: r["new_rank"] for r in p["layers"]}
+                p = by_key[(method, "macs", fraction) if alloc == "budget" else (method, "keep", keep)]
+                assert p["ratios"]["macs"] <= fraction, (method, alloc, fraction)
                 rows.append({"arch": arch, "fraction": fraction, "method": method, "alloc": alloc,
-                             "keep": None if alloc == "budget" else keep,
-                             "macs": p["totals"]["macs_ratio"], "params": p["totals"]["params_ratio"],
-                             "before": before, "after": after, "ranks": ranks})
-                log(f"{tag}: MACs x{p['totals']['macs_ratio']:.4f}, top-1 {before:.4f} -> {after:.4f} after 1 epoch")
+                             "keep": None if alloc == "budget" else keep, "macs": p["ratios"]["macs"],
+                             "params": p["ratios"]["params"], "before": p["top1"], "after": p["after"],
+                             "ranks": p["ranks"]})
     return rows, info
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores {cpu}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
 
 
 def main() -> None:

@@ -3,8 +3,10 @@
     python bench/bench_methods.py [--out DIR] [--epochs 4] [--quick]
 
 Trains ``rankcut:mnist-cnn`` on mnist5k:train with a fixed seeded recipe, gathers statistics with
-``--grad kl`` and ``--grad mse``, then for every method and ``--keep`` in 0.5 ... 0.0625: MACs, test accuracy
-right after ``project``, and after the same 1-epoch ``finetune``. Every step is the real CLI, in-process.
+``--grad kl`` and ``--grad mse``, then sweeps every method over ``--keep`` in 0.5 ... 0.03125 with
+``rankcut.api.sweep`` (one sweep per statistics file): MACs and test accuracy right after ``project``; each
+point's checkpoint then gets the same 1-epoch ``finetune``. Training, statistics and fine-tuning are the real
+CLI, in-process.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from common import machine, rankcut, show
+from common import machine, rankcut, show, sweep_checkpoint
+from rankcut.api import EvalConfig, SweepConfig
 from rankcut.model import archs
 from rankcut.dist import Context
 from rankcut.stats.collect import collect_gradients, collect_moments
@@ -73,10 +76,23 @@ def main() -> None:
     rankcut("init", "--arch", "rankcut:mnist-cnn", "--seed", "0", "-o", out / "init.safetensors")
     rankcut("finetune", out / "init.safetensors", "--data", "mnist5k:train", "-o", base, "--epochs", args.epochs,
             "--lr", "2e-3", "--batch-size", "32", "--seed", "0", "--quiet", *subset)
-    original = accuracy(base)
     for loss in sorted({loss for _, loss in methods if loss}):
         rankcut("stats", base, "--data", "mnist5k:train", "--samples", samples, "--grad", loss, "--probes", "2",
                 "-o", out / f"stats-{loss}.npz", "--quiet")
+
+    def tune(point: dict, small: Path) -> None:
+        tuned = small.with_name(f"{small.stem}-ft.safetensors")
+        rankcut("finetune", small, "--data", "mnist5k:train", "-o", tuned, *TUNE, *subset)
+        point["tuned"] = accuracy(tuned)["top1"]
+
+    points, original = {}, None
+    for loss in dict.fromkeys(loss for _, loss in methods):  # one sweep per statistics file
+        names = tuple(m for m, m_loss in methods if m_loss == loss)
+        config = SweepConfig(methods=names, budgets=tuple(("keep", k) for k in keeps), eval=EvalConfig(batch_size=500))
+        stats = out / f"stats-{loss}.npz" if loss else None
+        result = sweep_checkpoint(base, stats, "mnist5k:test", config, after=tune, tag=f"-{loss or 'nostats'}")
+        original = result["original"]
+        points |= {(p["method"], loss, p["fraction"]): p for p in result["points"]}
 
     table = Table("method", "keep", "MACs", "acc. projected", "acc. +1 epoch", title=(
         f"rankcut:mnist-cnn on mnist5k (trained {args.epochs} epochs: {100 * original['top1']:.2f}% test, "
@@ -86,17 +102,12 @@ def main() -> None:
         name = method if method in ("pca", "svd", "l1", "random") else f"{method} ({loss})"
         headline[name] = None
         for keep in keeps:
-            small, tuned = out / f"{method}-{loss}-{keep}.safetensors", out / f"{method}-{loss}-{keep}-ft.safetensors"
-            stats = ["--stats", out / f"stats-{loss}.npz"] if loss else []
-            rankcut("project", base, *stats, "--method", method, "--keep", keep, "-o", small, "--quiet")
-            before = accuracy(small)
-            rankcut("finetune", small, "--data", "mnist5k:train", "-o", tuned, *TUNE, *subset)
-            after = accuracy(tuned)
-            fraction = before["macs"] / original["macs"]
-            if original["top1"] - before["top1"] <= 0.01:
+            point = points[(method, loss, float(keep))]
+            fraction = point["ratios"]["macs"]
+            if original["top1"] - point["top1"] <= 0.01:
                 headline[name] = min(fraction, headline[name] or 1.0)
-            table.add_row(name, str(keep), f"{fraction:.3f}", f"{100 * before['top1']:.2f}%",
-                          f"{100 * after['top1']:.2f}%")
+            table.add_row(name, str(keep), f"{fraction:.3f}", f"{100 * point['top1']:.2f}%",
+                          f"{100 * point['tuned']:.2f}%")
         table.add_section()
     show(table)
 

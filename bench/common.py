@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -18,7 +19,12 @@ from rich.table import Table
 from rich.text import Text
 from typer.testing import CliRunner
 
+from rankcut.api import SweepConfig, sweep
 from rankcut.cli import app
+from rankcut.files.checkpoint import load_with_meta, save
+from rankcut.files.statsfile import load_stats
+from rankcut.run.data import open_data
+from rankcut.run.evaluate import output_classes
 
 
 def rankcut(*args) -> dict:
@@ -28,6 +34,29 @@ def rankcut(*args) -> dict:
     if result.exit_code != 0:
         raise RuntimeError(f"rankcut {' '.join(args)} failed: {result.stderr.strip() or result.exception}")
     return json.loads(result.stdout)
+
+
+def sweep_checkpoint(checkpoint, stats, data: str, config: SweepConfig, after=None, tag: str = "") -> dict:
+    """``api.sweep`` of a checkpoint file on ``data`` (as ``rankcut sweep`` loads them, on the CPU).
+
+    ``after(point, path)`` is called for each point with the point's checkpoint, saved as ``rankcut project``
+    would save it next to ``checkpoint`` (``<stem><tag>-<method or structure>-<kind><fraction>.safetensors``);
+    what it adds to ``point`` is in the result.
+    """
+    model, meta = load_with_meta(str(checkpoint))
+    classes = output_classes(model, meta.input)
+    dataset = open_data(data, meta.input, train=False, num_classes=classes, seed=0, classes=meta.classes)
+
+    def keep(point, projected, result, original) -> None:
+        name = f"{point['method'] or point['structure']}-{point['kind']}{point['fraction']:g}"
+        path = Path(checkpoint).with_name(f"{Path(checkpoint).stem}{tag}-{name}.safetensors")
+        save(projected.cpu(), meta.with_edits(*result.edits).with_history("project", **result.history()), path)
+        point["ranks"] = {r["layer"]: r["new_rank"] for r in result.to_dict().get("layers", [])}
+        if after is not None:
+            after(point, path)
+
+    return sweep(model, meta.input, None if stats is None else load_stats(str(stats)), dataset, classes, config,
+                 on_point=keep)
 
 
 def machine() -> str:

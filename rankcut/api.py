@@ -28,7 +28,7 @@ from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_metho
 from rankcut.compress.project import LayerReport, project_model
 from rankcut.compress.refit import (LayerRefit, batchnorms_after_change, layer_sums, reestimate_batchnorm,
                                     refit_one, refit_targets)
-from rankcut.compress.prune import PruneResult, prune_model
+from rankcut.compress.prune import PruneResult, fitting_chains, prune_model
 from rankcut.compress.timed import latency_total, never_faster, slower_pairs, timed_options
 from rankcut.errors import RankcutError
 from rankcut.files.profilefile import Profile
@@ -461,6 +461,10 @@ class SweepConfig:
     ``macs`` or ``params`` (a global budget). ``within``: the recommendation is the cheapest point (in MACs)
     whose top-1 is at most this many percentage points below the original's. ``damping``, ``seed``, ``layers``
     and ``exclude`` are ``ProjectConfig``'s, the same for every point.
+
+    ``per_layer``: per-layer sensitivity instead: each selected layer (for ``channels``, each chain's producer)
+    alone at each ``keep`` fraction, all others whole; the points are ordered by their top-1 drop. Without
+    budgets it keeps 0.75, 0.5 and 0.25 of each layer's rank (width).
     """
 
     methods: tuple[str, ...] = ("pca",)
@@ -472,8 +476,11 @@ class SweepConfig:
     layers: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
+    per_layer: bool = False
 
     def __post_init__(self):
+        if self.per_layer and not self.budgets:
+            object.__setattr__(self, "budgets", PER_LAYER_KEEPS)
         for s in self.structures:
             check_structure(s)
         if not self.structures:
@@ -485,26 +492,54 @@ class SweepConfig:
         for kind, _ in self.budgets:
             if kind not in KINDS:
                 raise RankcutError(f"a sweep budget is one of {', '.join(KINDS)}, got {kind!r}")
+            if self.per_layer and kind != "keep":
+                raise RankcutError(f"--per-layer keeps each layer alone at --keep fractions; --{kind} budgets the "
+                                   "whole model")
         if not self.within >= 0:
             raise RankcutError(f"--within must be 0 or more percentage points, got {self.within}")
         self.configs()  # every point's ProjectConfig validates itself now, before any work
 
-    def configs(self) -> list[tuple[tuple, ProjectConfig]]:
-        """Each point's key ``(structure, method, kind, fraction)`` and ``ProjectConfig``, in sweep order."""
+    def configs(self, layers: dict[str, list[str]] | None = None) -> list[tuple[tuple, ProjectConfig]]:
+        """Each point's key ``(structure, method, kind, fraction, layer)`` and ``ProjectConfig``, in sweep order.
+
+        ``layer`` is None but with ``per_layer``, where ``layers[structure]`` names the layers to take one at a
+        time (``sweep_layers``); without it the per-layer points are checked with ``config.layers``.
+        """
         out, seen = [], set()
         for structure in dict.fromkeys(self.structures):
+            names = [None] if not self.per_layer else (layers or {}).get(structure, [None])
             for method in dict.fromkeys(self.methods) if structure == "pair" else [None]:
-                for kind, fraction in dict.fromkeys((k, float(f)) for k, f in self.budgets):
-                    key = (structure, method, kind, fraction)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    how = {"keep": fraction} if kind == "keep" else {"budget": Budget(kind, fraction)}
-                    pair = structure == "pair"
-                    out.append((key, ProjectConfig(method=method if pair else "pca", structure=structure,
-                                                   damping=self.damping if pair else None, seed=self.seed,
-                                                   layers=self.layers, exclude=self.exclude, **how)))
+                for layer in names:
+                    for kind, fraction in dict.fromkeys((k, float(f)) for k, f in self.budgets):
+                        key = (structure, method, kind, fraction, layer)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        how = {"keep": fraction} if kind == "keep" else {"budget": Budget(kind, fraction)}
+                        pair = structure == "pair"
+                        chosen = self.layers if layer is None else (layer,)
+                        out.append((key, ProjectConfig(method=method if pair else "pca", structure=structure,
+                                                       damping=self.damping if pair else None, seed=self.seed,
+                                                       layers=chosen, exclude=None if layer else self.exclude,
+                                                       **how)))
         return out
+
+
+PER_LAYER_KEEPS = (("keep", 0.75), ("keep", 0.5), ("keep", 0.25))
+
+
+def sweep_layers(model: nn.Module, contract: InputContract, stats: StatsFile | None, config: SweepConfig,
+                 where: str = "the statistics") -> dict[str, list[str]]:
+    """Per structure, the layers a per-layer sweep takes one at a time: the targets ``project`` would work on
+    (pairs), the measured chains' producers (channels), as ``config.layers`` / ``exclude`` select them."""
+    out = {}
+    layers, exclude = list(config.layers or []) or None, list(config.exclude or []) or None
+    if "pair" in config.structures:
+        chosen = ProjectConfig(keep=1.0, layers=config.layers, exclude=config.exclude)
+        out["pair"] = [t.name for t in project_targets(model, contract, stats, chosen, where)]
+    if "channels" in config.structures:
+        out["channels"] = [c.producer for c in fitting_chains(model, contract, stats, where, layers, exclude)[0]]
+    return out
 
 
 def check_sweep_stats(stats: StatsFile | None, config: SweepConfig) -> None:
@@ -544,7 +579,7 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
     known = known or {}
     cached = {point_key(p): p for p in known.get("points", [])}
     original = known.get("original")
-    todo = config.configs()
+    todo = config.configs(sweep_layers(model, contract, stats, config, where) if config.per_layer else None)
     reference = copy.deepcopy(model).to(ctx.device)
     done: dict[tuple, dict] = {}
     task = progress.add_task("sweep", total=sum(k not in cached for k, _ in todo), info="") if progress else None
@@ -552,9 +587,10 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
         if key in cached:
             done[key] = {k: v for k, v in cached[key].items() if k != "pareto"}
             continue
-        structure, method, kind, fraction = key
+        structure, method, kind, fraction, layer = key
         if task is not None:
-            progress.update(task, info=f"{label(dict(structure=structure, method=method))} {kind} {fraction:g}")
+            at = "" if layer is None else f" {layer}"
+            progress.update(task, info=f"{label(dict(structure=structure, method=method))}{at} {kind} {fraction:g}")
         small = copy.deepcopy(model)
         result = project(small, contract, stats, project_config, where)
         small.to(ctx.device)
@@ -567,6 +603,8 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
                     **{k: figures[k] for k in ("k", "samples", "labeled")}}
         point = {"structure": structure, "method": method, "kind": kind, "fraction": fraction,
                  **{k: figures[k] for k in SWEEP_FIGURES}, "changed": len(result.edits)}
+        if layer is not None:
+            point = {"layer": layer, **point, **_layer_change(result, layer)}
         done[key] = point
         if on_point is not None:
             on_point(point, small, result, original)
@@ -577,4 +615,14 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
         original = {k: figures[k] for k in ("top1", "topk", "loss", "macs", "params", "k", "samples", "labeled")}
     points = [done[k] for k, _ in todo]
     computed = sum(k not in cached for k, _ in todo)
-    return {**summarize(original, points, config.within), "computed": computed, "reused": len(points) - computed}
+    return {**summarize(original, points, config.within, config.per_layer), "computed": computed,
+            "reused": len(points) - computed}
+
+
+def _layer_change(result: ProjectResult | PruneResult, layer: str) -> dict:
+    """A per-layer point's layer: its rank (pairs) or channels (chains) before and after, and what happened."""
+    if isinstance(result, PruneResult):
+        row = next(r for r in result.chains if r["producer"] == layer)
+        return {"before": row["channels"], "after": row["kept"], "status": row["status"]}
+    report = next(r for r in result.layers if r.layer == layer)
+    return {"before": report.old_rank, "after": report.new_rank, "status": report.status}

@@ -199,12 +199,26 @@ def test_a_sweep_config_names_each_point_once_in_order():
     config = rankcut.SweepConfig(methods=("pca", "fisher", "pca"), structures=("pair", "channels"),
                                  budgets=(("macs", 0.5), ("macs", 0.25), ("macs", 0.5), ("keep", 0.5)))
     keys = [key for key, _ in config.configs()]
-    assert keys == [("pair", "pca", "macs", 0.5), ("pair", "pca", "macs", 0.25), ("pair", "pca", "keep", 0.5),
-                    ("pair", "fisher", "macs", 0.5), ("pair", "fisher", "macs", 0.25), ("pair", "fisher", "keep", 0.5),
-                    ("channels", None, "macs", 0.5), ("channels", None, "macs", 0.25), ("channels", None, "keep", 0.5)]
+    assert keys == [("pair", "pca", "macs", 0.5, None), ("pair", "pca", "macs", 0.25, None),
+                    ("pair", "pca", "keep", 0.5, None), ("pair", "fisher", "macs", 0.5, None),
+                    ("pair", "fisher", "macs", 0.25, None), ("pair", "fisher", "keep", 0.5, None),
+                    ("channels", None, "macs", 0.5, None), ("channels", None, "macs", 0.25, None),
+                    ("channels", None, "keep", 0.5, None)]
     project = dict(config.configs())
-    assert project[("pair", "fisher", "macs", 0.25)].budget.fraction == 0.25
-    assert project[("channels", None, "keep", 0.5)].structure == "channels"
+    assert project[("pair", "fisher", "macs", 0.25, None)].budget.fraction == 0.25
+    assert project[("channels", None, "keep", 0.5, None)].structure == "channels"
+
+
+def test_a_per_layer_sweep_config_takes_each_layer_alone():
+    config = rankcut.SweepConfig(methods=("pca",), structures=("pair", "channels"), per_layer=True,
+                                 exclude=("fc*",))
+    assert config.budgets == (("keep", 0.75), ("keep", 0.5), ("keep", 0.25))  # the default fractions
+    configs = config.configs({"pair": ["conv1", "fc1"], "channels": ["conv1"]})
+    assert [key for key, _ in configs][:4] == [("pair", "pca", "keep", 0.75, "conv1"), ("pair", "pca", "keep", 0.5, "conv1"),
+                                               ("pair", "pca", "keep", 0.25, "conv1"), ("pair", "pca", "keep", 0.75, "fc1")]
+    assert len(configs) == 9
+    one = dict(configs)[("channels", None, "keep", 0.5, "conv1")]
+    assert (one.layers, one.exclude, one.keep, one.structure) == (("conv1",), None, 0.5, "channels")
 
 
 @pytest.mark.parametrize("make, message", [
@@ -214,6 +228,7 @@ def test_a_sweep_config_names_each_point_once_in_order():
     (lambda: rankcut.SweepConfig(structures=(), budgets=(("keep", 0.5),)), "--structures names no structure"),
     (lambda: rankcut.SweepConfig(budgets=(("keep", 0.5),), within=-0.5), "--within must be 0 or more"),
     (lambda: rankcut.SweepConfig(budgets=(("keep", 0.5),), damping=0.1), "--damping is an option of --method fisher"),
+    (lambda: rankcut.SweepConfig(budgets=(("macs", 0.5),), per_layer=True), "--per-layer keeps each layer alone"),
 ])
 def test_sweep_configs_validate_themselves(make, message):
     with pytest.raises(RankcutError, match=re.escape(message)):

@@ -8,23 +8,24 @@ import typer
 from rich.table import Table
 from torch import nn
 
-from rankcut.files.checkpoint import load_with_meta
+from rankcut.files.checkpoint import load_with_meta, original_widths
 from rankcut.cli.console import Reporter
 from rankcut.errors import RankcutError, one_line
 from rankcut.model.edits import ChannelPrune
 from rankcut.model.layers import LowRank, is_target_type, out_width
 from rankcut.model.cost import count_macs, count_params, target_macs
 from rankcut.cli.options import Force, Json, Quiet
-from rankcut.cli.plots import check_plot, spectra_plot
+from rankcut.cli.plots import check_plot, checkpoint_plot, spectra_plot
 from rankcut.files.fileio import file_digest
 from rankcut.cli.stats import stats_info
 from rankcut.model.targets import untargeted
 
 
 def layer_rows(model: nn.Module, per_layer_macs: dict[str, int], notes: dict[str, str] | None = None,
-               pruned: set[str] = frozenset()) -> list[dict]:
+               pruned: set[str] = frozenset(), original: dict[str, int] | None = None) -> list[dict]:
     """One row per conv/linear layer, rank-k pair or fused attention: name, type, weight shape(s), rank, MACs,
-    structure (whole, pair, channels) and width.
+    structure (whole, pair, channels), width, and with ``original`` (``checkpoint.original_widths``) the
+    width in the base architecture (``original_width``; the width itself for a layer an edit added).
 
     ``note`` says why a layer is not a target (``targets.untargeted``), empty for targets; ``pruned`` names
     the producers whose channels a ``prune_channels`` edit removed.
@@ -54,10 +55,13 @@ def layer_rows(model: nn.Module, per_layer_macs: dict[str, int], notes: dict[str
             rows.append({"name": name, "type": type(module).__name__, "shape": [list(module.weight.shape)],
                          "rank": None, "macs": target_macs(model, name, per_layer_macs),
                          "structure": structure, "width": width, "note": notes.get(name, "")})
+    if original is not None:
+        for row in rows:
+            row["original_width"] = original.get(row["name"], row["width"])
     return rows
 
 
-def checkpoint_info(path: str, report: Reporter) -> None:
+def checkpoint_info(path: str, report: Reporter) -> dict:
     model, meta = load_with_meta(path)
     try:
         macs, per_layer = count_macs(model, meta.input)
@@ -65,7 +69,7 @@ def checkpoint_info(path: str, report: Reporter) -> None:
         raise RankcutError(f"{path}: the model cannot run on its recorded input {meta.input.shape}: "
                            f"{one_line(str(e))[:160]}") from None
     rows = layer_rows(model, per_layer, untargeted(model, meta.input),
-                      {e.producer for e in meta.edits if isinstance(e, ChannelPrune)})
+                      {e.producer for e in meta.edits if isinstance(e, ChannelPrune)}, original_widths(meta))
     data = {"file": path, "sha256": file_digest(path), "arch": meta.arch, "arch_kwargs": meta.arch_kwargs, "input": meta.input.to_dict(),
             "classes": meta.classes, "params": count_params(model), "macs": macs, "layers": rows,
             "edits": [e.kind for e in meta.edits], "history": list(meta.history)}
@@ -88,13 +92,16 @@ def checkpoint_info(path: str, report: Reporter) -> None:
         details = ", ".join(f"{k}={v}" for k, v in h.items() if k not in ("command", "time"))
         history.add_row(str(h.get("command")), str(h.get("time")), details)
     report.result(data, summary, layers, history)
+    return data
 
 
 def info(file: Annotated[str, typer.Argument(help="A checkpoint (.safetensors) or statistics file (.npz).",
                                               show_default=False)],
          plot: Annotated[Optional[str], typer.Option("--plot", help=(
-             "For a statistics file: draw each layer's eigenvalue spectrum and the variance dropped at each rank "
-             "(log scale) to this .png or .svg (needs matplotlib: pip install 'rankcut[plot]')."),
+             "Draw to this .png or .svg (needs matplotlib: pip install 'rankcut[plot]'): for a statistics file, "
+             "each layer's eigenvalue spectrum and the variance dropped at each rank (log scale); for a "
+             "checkpoint, each layer's width before and after (a pair's rank, a pruned layer's kept channels) "
+             "and its share of the MACs."),
              show_default=False)] = None,
          force: Force = False, json_out: Json = False, quiet: Quiet = False) -> None:
     """Show a checkpoint (architecture, input, parameters, MACs, ranks, history) or a statistics file."""
@@ -107,6 +114,7 @@ def info(file: Annotated[str, typer.Argument(help="A checkpoint (.safetensors) o
             spectra_plot(stats, plot, title=f"{file}: output spectra")
     else:
         if plot is not None:
-            raise RankcutError("--plot draws a statistics file's spectra (info S.npz --plot P.png); it has no "
-                               "picture of a checkpoint")
-        checkpoint_info(file, report)
+            check_plot(plot, [file], force)
+        data = checkpoint_info(file, report)
+        if plot is not None:
+            checkpoint_plot(data, plot, title=f"{file}: {data['arch']}")

@@ -1,4 +1,5 @@
-"""Pictures rankcut writes with ``--plot``: the sweep's accuracy/cost frontier and the statistics' spectra.
+"""Pictures rankcut writes with ``--plot``: the sweep's accuracy/cost frontier, the statistics' spectra and a
+checkpoint's layer widths and MACs.
 
 matplotlib is an optional extra (``pip install 'rankcut[plot]'``); without it ``--plot`` is refused before any
 work, in one line that says how to install it. Figures are drawn with matplotlib's object API on the Agg
@@ -117,6 +118,47 @@ def spectra_plot(stats, path: str | os.PathLike, title: str = "") -> None:
         ax.grid(True, alpha=0.3)
     if len(stats.layers) <= 12:
         right.legend(fontsize="x-small", loc="upper right")
+    if title:
+        figure.suptitle(title, fontsize="medium")
+    _save(figure, path)
+
+
+def checkpoint_plot(info: dict, path: str | os.PathLike, title: str = "") -> None:
+    """Per layer (``info CHECKPOINT``'s rows, in model order): its width in the base architecture against what
+    it keeps now (a pair's rank, a pruned producer's channels), and its share of the checkpoint's MACs."""
+    rows = [r for r in info["layers"] if r["width"] is not None]
+    names = [r["name"] for r in rows]
+    before = [r.get("original_width", r["width"]) for r in rows]
+    after = [r["rank"] if r["rank"] is not None else r["width"] for r in rows]
+    total = max(info["macs"], 1)
+    share = [100 * r["macs"] / total for r in rows]
+    height = max(2.5, 0.28 * len(rows) + 1.2)
+    figure = _figure(figsize=(10, height + 0.4), layout="constrained")
+    left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    y = list(range(len(rows)))
+    left.barh(y, before, color="lightgray", edgecolor="gray", label="original width")
+    colors = {"pair": "tab:blue", "channels": "tab:orange", "whole": "tab:green"}
+    left.barh(y, after, height=0.5, color=[colors[r["structure"]] for r in rows], label="kept (rank or channels)")
+    for i, (b, a) in enumerate(zip(before, after)):
+        left.text(max(b, a), i, f" {a}/{b}", va="center", fontsize="x-small")
+    right.barh(y, share, color=[colors[r["structure"]] for r in rows])
+    for i, value in enumerate(share):
+        right.text(value, i, f" {value:.1f}%", va="center", fontsize="x-small")
+    from matplotlib.patches import Patch
+
+    shown = dict.fromkeys(r["structure"] for r in rows)
+    handles = [Patch(color="lightgray", label="original width")] + [
+        Patch(color=colors[s], label={"pair": "rank-k pair: rank", "channels": "pruned: channels kept",
+                                      "whole": "whole: width"}[s]) for s in shown]
+    figure.legend(handles=handles, fontsize="x-small", loc="outside lower center", ncol=len(handles))
+    for ax in (left, right):
+        ax.set_yticks(y, names, fontsize="x-small")
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+    left.set_xlabel("output width / rank")
+    left.set_xlim(0, 1.15 * max(before + after + [1]))
+    right.set_xlabel(f"share of the MACs ({info['macs']:,} in all), %")
+    right.set_xlim(0, 1.15 * max(share + [1]))
     if title:
         figure.suptitle(title, fontsize="medium")
     _save(figure, path)

@@ -49,7 +49,7 @@ def _fingerprint(checkpoint: str, stats_path: str | None, data: str, samples: in
             "data": data, "data_sha256": file_digest(data) if data_file else None, "samples": samples,
             "seed": config.seed, "damping": config.damping, "layers": config.layers and list(config.layers),
             "exclude": config.exclude and list(config.exclude), "batch_size": config.eval.batch_size,
-            "device": device}
+            "device": device, **({"per_layer": True} if config.per_layer else {})}
 
 
 def _previous(output: str, fingerprint: dict, keep_dir: str | None, report: Reporter) -> dict | None:
@@ -74,7 +74,8 @@ def _previous(output: str, fingerprint: dict, keep_dir: str | None, report: Repo
 
 
 def _kept_name(point: dict) -> str:
-    return f"{label(point).replace('/', '-')}-{point['kind']}{point['fraction']:g}.safetensors"
+    layer = f"-{point['layer']}" if point.get("layer") else ""
+    return f"{label(point).replace('/', '-')}{layer}-{point['kind']}{point['fraction']:g}.safetensors"
 
 
 def sweep(
@@ -98,6 +99,9 @@ def sweep(
     keep_dir: Annotated[Optional[str], typer.Option("--keep-dir", help=(
         "Keep every point's checkpoint in this folder (e.g. pair-fisher-macs0.5.safetensors), as project writes it."),
         show_default=False)] = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help=(
+        "Per-layer sensitivity instead of the frontier: each layer alone at each --keep fraction (default "
+        "0.75,0.5,0.25), all others whole; the table is sorted by the top-1 drop, largest first."))] = False,
     damping: Annotated[Optional[float], typer.Option("--damping", help="fisher: damping of G (default 1e-3).")] = None,
     layers: Layers = None,
     exclude: Exclude = None,
@@ -117,15 +121,20 @@ def sweep(
     table: points on the Pareto frontier of top-1 against MACs are marked, and the cheapest point within
     --within top-1 points of the original is recommended. -o is also the cache: rerun with more budgets or
     methods and only the new points are computed (when the checkpoint, statistics, data and options match).
+
+    --per-layer measures each layer's sensitivity instead: every selected layer alone at each --keep fraction
+    (as `rankcut project --layers L --keep F` would), the layers sorted by their largest top-1 drop.
     """
     report = Reporter(quiet, json_out)
     budgets = tuple((kind, f) for kind, text in zip(KINDS, (keep, macs, params)) for f in _fractions(text, f"--{kind}"))
     config = SweepConfig(methods=_names(methods, "--methods"), structures=_names(structures, "--structures"),
                          budgets=budgets, within=within, damping=damping, seed=seed,
                          layers=tuple(layers) if layers else None, exclude=tuple(exclude) if exclude else None,
-                         eval=EvalConfig(batch_size=batch_size, workers=workers))
+                         eval=EvalConfig(batch_size=batch_size, workers=workers), per_layer=per_layer)
     inputs = [checkpoint, stats_path, data]
     check_output(output, inputs, force)
+    if plot is not None and per_layer:
+        raise RankcutError("--plot draws the frontier; a --per-layer sweep is shown as a table (and -o's JSON)")
     if plot is not None:
         from rankcut.cli.plots import check_plot
 
@@ -168,7 +177,7 @@ def sweep(
             save(projected.cpu(), meta.with_edits(*result.edits).with_history("project", **history), path)
             point["checkpoint"] = str(path)
         cache[point_key(point)] = point
-        write({**summarize(original, list(cache.values()), config.within), "complete": False})
+        write({**summarize(original, list(cache.values()), config.within, config.per_layer), "complete": False})
 
     with report.progress() as progress:
         result = run_sweep(model, meta.input, stats, dataset, classes, config, known=known,
@@ -184,7 +193,10 @@ def sweep(
         from rankcut.cli.plots import frontier_plot
 
         frontier_plot(result, plot, title=f"{Path(checkpoint).name} on {data}")
-    report.result({**head, **result}, _table(result), _recommendation(result))
+    if per_layer:
+        report.result({**head, **result}, _sensitivity_table(result), _most_sensitive(result))
+    else:
+        report.result({**head, **result}, _table(result), _recommendation(result))
 
 
 def _recommendation(result: dict) -> str:
@@ -211,4 +223,34 @@ def _table(result: dict) -> Table:
                       f"x{p['ratios']['params']:.3f}", f"{100 * p['top1']:.2f}%",
                       f"{100 * (p['top1'] - original['top1']):+.2f}", f"{100 * p['agreement']:.2f}%", f"{p['kl']:.4f}",
                       "*" if p["pareto"] else "")
+    return table
+
+
+def _most_sensitive(result: dict) -> str:
+    layers = result["layers"]
+    if not layers:
+        return "no layer was swept"
+    first, last = layers[0], layers[-1]
+    return (f"most sensitive: {first['layer']} ({first['label']}, top-1 {-100 * first['drop'] + 0.0:+.2f} points at "
+            f"worst); least: {last['layer']} ({last['label']}, {-100 * last['drop'] + 0.0:+.2f})")
+
+
+def _sensitivity_table(result: dict) -> Table:
+    original = result["original"]
+    caption = (f"original: top-1 {100 * original['top1']:.2f}%, {original['macs']:,} MACs, {original['samples']:,} "
+               f"samples; each layer alone, all others whole; sorted by the largest top-1 drop; "
+               f"{result['computed']} point(s) computed, {result['reused']} reused")
+    table = Table("layer", "structure/method", "keep", "rank / width", "MACs", "top-1", "vs original", "agreement",
+                  "KL", title="per-layer sensitivity", title_justify="left", caption=caption, caption_justify="left")
+    for column in table.columns[3:]:
+        column.justify = "right"
+    previous = None
+    for p in result["points"]:
+        group = (label(p), p["layer"])
+        if previous is not None and group != previous:
+            table.add_section()
+        previous = group
+        table.add_row(p["layer"], label(p), f"{p['fraction']:g}", f"{p['before']} -> {p['after']}",
+                      f"x{p['ratios']['macs']:.3f}", f"{100 * p['top1']:.2f}%", f"{100 * p['change'] + 0.0:+.2f}",
+                      f"{100 * p['agreement']:.2f}%", f"{p['kl']:.4f}")
     return table

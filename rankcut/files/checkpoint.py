@@ -117,6 +117,18 @@ def build_model(meta: CheckpointMeta, trusted: bool = False) -> nn.Module:
     return model
 
 
+def original_widths(meta: CheckpointMeta, trusted: bool = False) -> dict[str, int]:
+    """Each conv/linear layer's output width in the base architecture, before any edit (on the meta device
+    where the builder allows): what a pruned producer had before its channels were removed, and the width a
+    pair's rank is measured against."""
+    try:
+        with torch.device("meta"):
+            base = archs.build(meta.arch, meta.arch_kwargs, trusted=trusted)
+    except archs.NeedsRealTensors:
+        base = archs.build(meta.arch, meta.arch_kwargs, trusted=trusted)
+    return {name: m.weight.shape[0] for name, m in base.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
 def _header(path: str) -> tuple[dict[str, str] | None, dict[str, tuple[int, ...]], dict[str, str]]:
     require_file(path, "checkpoint")
     try:

@@ -1,7 +1,8 @@
 """The accuracy/cost frontier of a sweep (``api.sweep``): point keys, Pareto marks and the recommendation.
 
-A point is a dict with its key (``structure``, ``method`` (None for channels), ``kind``, ``fraction``), its
-``top1`` and its ``ratios`` to the original (``macs``, ``params``), as ``api.sweep`` makes them.
+A point is a dict with its key (``structure``, ``method`` (None for channels), ``kind``, ``fraction``, and
+``layer`` for a per-layer point), its ``top1`` and its ``ratios`` to the original (``macs``, ``params``), as
+``api.sweep`` makes them. A per-layer sweep is not a frontier: its points are ordered by sensitivity.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ KINDS = ("keep", "macs", "params")  # latency budgets need a profile: not swept 
 
 
 def point_key(point: dict) -> tuple:
-    return point["structure"], point["method"], point["kind"], float(point["fraction"])
+    return point["structure"], point["method"], point["kind"], float(point["fraction"]), point.get("layer")
 
 
 def label(point: dict) -> str:
@@ -33,8 +34,11 @@ def recommend(points: list[dict], original_top1: float, within: float) -> int | 
     return min(fits, key=lambda i: (points[i]["ratios"]["macs"], -points[i]["top1"]), default=None)
 
 
-def summarize(original: dict, points: list[dict], within: float) -> dict:
-    """The points with their Pareto marks (top-1 vs MACs ratio) and the recommendation."""
+def summarize(original: dict, points: list[dict], within: float, per_layer: bool = False) -> dict:
+    """The points with their Pareto marks (top-1 vs MACs ratio) and the recommendation; for a per-layer sweep,
+    ``sensitivity``'s order instead (no marks, no recommendation)."""
+    if per_layer:
+        return sensitivity(original, points)
     marks = pareto([p["ratios"]["macs"] for p in points], [p["top1"] for p in points])
     points = [{**p, "pareto": m} for p, m in zip(points, marks)]
     best = recommend(points, original["top1"], within) if points else None
@@ -42,3 +46,15 @@ def summarize(original: dict, points: list[dict], within: float) -> dict:
             "recommendation": None if best is None else points[best]}
 
 
+def sensitivity(original: dict, points: list[dict]) -> dict:
+    """Per-layer points ordered by sensitivity: each (structure/method, layer) by its largest top-1 drop, largest
+    first (ties in sweep order), its points by fraction, largest first. Each point gets its ``change`` of top-1
+    (a fraction, negative for a drop); ``layers`` lists each (structure/method, layer) with its largest drop."""
+    points = [{**p, "change": p["top1"] - original["top1"]} for p in points]
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        groups.setdefault((label(p), p["layer"]), []).append(p)
+    order = sorted(groups, key=lambda g: min(p["change"] for p in groups[g]))  # stable: ties keep sweep order
+    ordered = [p for g in order for p in sorted(groups[g], key=lambda p: -p["fraction"])]
+    layers = [{"label": g[0], "layer": g[1], "drop": -min(p["change"] for p in groups[g])} for g in order]
+    return {"original": original, "per_layer": True, "points": ordered, "layers": layers}

@@ -19,7 +19,8 @@ def test_resnet18_counts(run_cli, tmp_path):
     assert info["macs"] == 1_814_073_344
     fc = [row for row in info["layers"] if row["name"] == "fc"]
     assert fc == [{"name": "fc", "type": "Linear", "shape": [[1000, 512]], "rank": None, "macs": 512_000,
-                   "structure": "whole", "width": 1000, "note": "the output layer: a target only when --layers names it"}]
+                   "structure": "whole", "width": 1000, "original_width": 1000,
+                   "note": "the output layer: a target only when --layers names it"}]
     assert sum(row["macs"] for row in info["layers"]) <= info["macs"]
 
     table = run_cli(["info", path])

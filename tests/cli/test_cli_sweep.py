@@ -6,12 +6,16 @@ import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
+from builders import logits_of
 from cli_helpers import run
 from safetensors import safe_open
 
 import rankcut
 import rankcut.api as sweep_module
+from rankcut.files.checkpoint import load_with_meta
+from rankcut.run.data import open_data
 
 DATA = "synthetic:64"
 CPU = ["--device", "cpu"]
@@ -169,6 +173,76 @@ def test_info_plots_the_spectra_of_statistics(tmp_path, mnist_ckpt, run_cli):
     run_cli(["stats", mnist_ckpt, "--data", DATA, *CPU, "-o", stats, "-q"])
     run_cli(["info", stats, "--plot", tmp_path / "spectra.png", "-q"])
     assert (tmp_path / "spectra.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert "no picture of a checkpoint" in run_cli(["info", mnist_ckpt, "--plot", tmp_path / "c.png"],
-                                                    fails=True).message
     assert "--plot writes .png or .svg" in run_cli(["info", stats, "--plot", tmp_path / "s.pdf"], fails=True).message
+
+
+def test_info_plots_a_checkpoints_widths_before_and_after(tmp_path, mnist_ckpt, run_cli, monkeypatch):
+    """A checkpoint pruned (conv2) then projected (fc1): the rows hold each layer's original width next to what
+    it keeps, the PNG is written; a bad plot path is refused in one line before anything is read or written."""
+    stats, pruned, both = tmp_path / "s.npz", tmp_path / "pruned.safetensors", tmp_path / "both.safetensors"
+    run_cli(["stats", mnist_ckpt, "--data", DATA, "--structure", "channels", *CPU, "-o", stats, "-q"])
+    run_cli(["project", mnist_ckpt, "--stats", stats, "--structure", "channels", "--layers", "conv2", "--keep", "0.25",
+             "-o", pruned, "-q"])
+    run_cli(["project", pruned, "--method", "svd", "--layers", "fc1", "--keep", "0.25", "-o", both, "-q"])
+    data = run_cli(["info", both, "--plot", tmp_path / "widths.png", "--json"]).data
+    assert (tmp_path / "widths.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    rows = {r["name"]: (r["structure"], r["original_width"], r["width"], r["rank"]) for r in data["layers"]}
+    assert rows == {"conv1": ("whole", 32, 32, None), "conv2": ("channels", 64, 16, None),
+                    "fc1": ("pair", 128, 128, 32), "fc2": ("whole", 10, 10, None)}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.png").mkdir()
+    for plot, message in (("nowhere/c.png", "output folder does not exist"), ("c.jpg", "--plot writes .png or .svg"),
+                          ("folder.png", "is a folder")):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert message in run_cli(["info", both, "--plot", plot], fails=True).message
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.fixture
+def own_labels(mnist_ckpt, tmp_path):
+    """48 real digits labelled with the model's own predictions: the original's top-1 is 100%, and every
+    prediction a compressed layer changes is a top-1 drop, so layers differ in sensitivity."""
+    x = open_data("mnist5k:test", load_with_meta(mnist_ckpt)[1].input).x[:48].numpy()
+    np.savez(tmp_path / "own.npz", x=x)
+    np.savez(tmp_path / "own.npz", x=x, y=logits_of(mnist_ckpt, str(tmp_path / "own.npz")).argmax(1))
+    return tmp_path / "own.npz"
+
+
+def test_per_layer_points_are_project_layers_keep_and_eval_sorted_by_drop(tmp_path, mnist_ckpt, own_labels,
+                                                                          run_cli):
+    """Each per-layer point is `project --layers L --keep F` + `eval` (same figures, same rank), and the layers
+    come sorted by their largest top-1 drop."""
+    sweep = ["sweep", mnist_ckpt, "--data", own_labels, "--methods", "svd", "--per-layer", *CPU, "-o",
+             tmp_path / "pl.json", "--json"]
+    data = run_cli([*sweep, "--keep", "0.5,0.125"]).data
+    assert data["per_layer"] and data["original"]["top1"] == 1.0 and data["computed"] == 6
+    points = data["points"]
+    assert sorted((p["layer"], p["fraction"]) for p in points) == [
+        (layer, f) for layer in ("conv1", "conv2", "fc1") for f in (0.125, 0.5)]
+    for i, p in enumerate(points):
+        out = tmp_path / f"p{i}.safetensors"
+        projected = run_cli(["project", mnist_ckpt, "--method", "svd", "--layers", p["layer"], "--keep",
+                             p["fraction"], "-o", out, "--json"]).data
+        row = next(r for r in projected["layers"] if r["layer"] == p["layer"])
+        assert (p["before"], p["after"], p["status"]) == (row["old_rank"], row["new_rank"], row["status"])
+        figures = run_cli(["eval", out, "--data", own_labels, "--reference", mnist_ckpt, *CPU,
+                           "--json"]).data["results"][0]
+        assert {k: p[k] for k in FIGURES} == {k: figures[k] for k in FIGURES}, p
+        assert p["change"] == p["top1"] - 1.0
+    worst = [max(1.0 - p["top1"] for p in points if p["layer"] == entry["layer"]) for entry in data["layers"]]
+    assert [e["drop"] for e in data["layers"]] == worst
+    assert worst == sorted(worst, reverse=True) and len(set(worst)) > 1, worst  # sorted, and not all ties
+    assert [p["layer"] for p in points] == [e["layer"] for e in data["layers"] for _ in range(2)]
+    again = run_cli([*sweep, "--keep", "0.5,0.25,0.125"]).data
+    assert again["computed"] == 3 and again["reused"] == 6  # cached like the frontier's points
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--macs", "0.5"], "--per-layer keeps each layer alone at --keep fractions"),
+    (["--plot", "p.png"], "a --per-layer sweep is shown as a table"),
+])
+def test_per_layer_refusals(tmp_path, mnist_ckpt, run_cli, args, message):
+    result = run_cli(["sweep", mnist_ckpt, "--data", DATA, "--methods", "svd", "--per-layer", *args, *CPU,
+                      "-o", tmp_path / "sw.json"], fails=True)
+    assert message in result.message
+    assert not (tmp_path / "sw.json").exists()

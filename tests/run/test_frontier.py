@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rankcut.run.frontier import pareto, recommend, summarize
+from rankcut.run.frontier import pareto, recommend, sensitivity, summarize
 
 
 def test_pareto_on_a_hand_made_frontier():
@@ -28,3 +28,19 @@ def test_the_recommendation_is_the_cheapest_point_within_the_margin():
     result = summarize({"top1": 0.90}, points, 1.0)
     assert [p["pareto"] for p in result["points"]] == [True, False, True, True]
     assert result["recommendation"]["method"] == "fisher"
+
+
+def test_sensitivity_orders_layers_by_their_largest_drop():
+    def point(layer, fraction, top1, method="pca"):
+        return {**_point(fraction, top1, method), "kind": "keep", "layer": layer}
+
+    points = [point("a", 0.5, 0.89), point("a", 0.25, 0.80), point("b", 0.5, 0.70), point("b", 0.25, 0.85),
+              point("c", 0.25, 0.90), point("c", 0.5, 0.91), point("a", 0.5, 0.90, "fisher")]
+    result = sensitivity({"top1": 0.90}, points)
+    assert [(e["label"], e["layer"]) for e in result["layers"]] == [
+        ("pair/pca", "b"), ("pair/pca", "a"), ("pair/pca", "c"), ("pair/fisher", "a")]  # c and fisher-a tie: sweep order
+    assert [round(e["drop"], 6) for e in result["layers"]] == [0.2, 0.1, 0.0, 0.0]
+    assert [(p["layer"], p["fraction"]) for p in result["points"]] == [
+        ("b", 0.5), ("b", 0.25), ("a", 0.5), ("a", 0.25), ("c", 0.5), ("c", 0.25), ("a", 0.5)]
+    assert round(result["points"][0]["change"], 6) == -0.2
+    assert summarize({"top1": 0.90}, points, 1.0, per_layer=True) == result
