@@ -8,7 +8,7 @@ from torch import nn
 
 from builders import randomize_
 
-from rankcut.model.layers import (LowRank, current_rank, empty_pair, fold_batchnorm, is_target_type, max_rank,
+from rankcut.model.layers import (LowRank, current_rank, empty_pair, fan_in, fold_batchnorm, is_target_type, max_rank,
                                   out_width, project_layer)
 
 
@@ -89,5 +89,6 @@ def test_widths_and_ranks():
     assert (out_width(pair), current_rank(pair), max_rank(pair)) == (16, 5, 5)
     assert max_rank(nn.Conv2d(1, 16, 3)) == 9  # nine inputs per output: the outputs span at most nine directions
     assert max_rank(nn.Linear(4, 10)) == 4
+    assert (fan_in(nn.Linear(4, 1)), max_rank(nn.Linear(4, 1)), fan_in(empty_pair(conv, 1))) == (4, 1, 27)  # one output
     assert [is_target_type(m) for m in (conv, pair, nn.Linear(2, 2), nn.Conv2d(4, 4, 3, groups=2),
                                         nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))] == [True] * 3 + [False] * 3
