@@ -432,3 +432,32 @@ def test_kept_variance_is_one_minus_the_discarded_fraction():
     up, down = q[:, 3:], q[:, 3:].T  # the weakest direction only
     assert kept_variance(up, down, stats) == pytest.approx(0.05, abs=1e-12)
     assert kept_variance(up, down, _stats(torch.zeros(4), torch.zeros(4, 4))) == 1.0  # nothing to keep
+
+
+def test_bases_are_canonical_unit_columns_with_a_positive_largest_entry():
+    """fisher's up = G^(-1/2) U is not unit-norm before canonicalisation (G is large here); the product is kept."""
+    sigma, _ = _spd([4.0, 2.0, 1.0, 0.5], seed=10)
+    g, _ = _spd([40.0, 20.0, 9.0, 5.0], seed=11)
+    h, _ = _spd([3.0, 2.0, 1.0, 0.5], seed=12)
+    stats = _stats(torch.zeros(4), sigma, hessian=h, grad_m2=g)
+    layer = nn.Linear(5, 4).double()
+    raw = fisher_from(g, sigma, torch.zeros(4), 0.0)
+    for method in ("pca", "hessian", "fisher", "svd"):
+        basis = METHODS[method].basis(layer, stats)
+        torch.testing.assert_close(basis.up.norm(dim=0), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
+        largest = basis.up.gather(0, basis.up.abs().argmax(0, keepdim=True))
+        assert (largest > 0).all(), (method, largest)
+    up, down, _ = METHODS["fisher"].basis(None, stats, damping=0.0).pair(2)
+    torch.testing.assert_close(up @ down, raw.up[:, :2] @ raw.down[:2], rtol=1e-9, atol=1e-9)
+
+
+def test_target_basis_passes_the_name_statistics_and_options_through():
+    model = nn.Sequential(nn.Linear(3, 4)).double()
+    mean = torch.arange(4, dtype=torch.float64)
+    assert torch.equal(target_basis(model, Target("0"), _stats(mean), "pca").mu, mean)
+    torch.testing.assert_close(target_basis(model, Target("0"), None, "random", {"seed": 5}).up,
+                               METHODS["random"].basis(model[0], None, seed=5).up, rtol=0, atol=0)
+    with torch.no_grad():
+        model[0].weight[0, 0] = torch.nan
+    with pytest.raises(RankcutError, match="^--method svd failed on layer 0: "):
+        target_basis(model, Target("0"), None, "svd")

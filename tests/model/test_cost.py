@@ -18,6 +18,7 @@ def test_conv_and_linear_by_hand():
     total, per_layer = count_macs(model, RGB16)
     conv, linear = 8 * 3 * 3 * 3 * (8 * 8), 8 * 8 * 8 * 10  # outputs x inputs per output
     assert per_layer == {"0": conv, "3": linear}
+    assert all(type(v) is int for v in (total, *per_layer.values()))  # counts, written as integers to JSON
     assert total == conv + linear
     assert count_params(model) == (8 * 3 * 3 * 3 + 8) + (8 * 8 * 8 * 10 + 10)
 
@@ -79,5 +80,6 @@ def test_geometry_refuses_a_layer_that_does_no_counted_work():
     with pytest.raises(RankcutError, match="^0 does no counted work in a forward pass, so a MACs budget cannot "
                                            "price it$"):
         geometry(model, "0", {"0": 0})
+    assert geometry(nn.Sequential(nn.Linear(1, 1)), "0", {"0": 1}) == Geometry(1, 1, 1.0)  # one MAC is work
     with pytest.raises(RankcutError, match="^0 does no counted work"):
         geometry(nn.Sequential(empty_pair(model[0], 2)), "0", {"0": 100})  # a pair's work is counted at its down half
