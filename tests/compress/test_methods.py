@@ -7,13 +7,15 @@ import torch
 from builders import CPU, batches
 from torch import nn
 
-from rankcut.compress.methods import METHODS, fisher_from, pca
+from rankcut.compress.methods import (METHODS, fisher_from, foldable_bn, get_method, kept_variance, layer_basis, pca,
+                                      target_basis)
+from rankcut.errors import RankcutError
 from rankcut.compress.project import project_model
 from rankcut.files.statsfile import LayerStats
 from rankcut.model import archs
 from rankcut.model.edits import get_module
-from rankcut.model.layers import project_layer
-from rankcut.model.targets import select
+from rankcut.model.layers import fold_batchnorm, project_layer
+from rankcut.model.targets import Target, select
 from rankcut.run.data import mnist5k
 from rankcut.stats.collect import collect_gradients, collect_moments
 from rankcut.stats.moments import Moments
@@ -279,3 +281,183 @@ def test_loss_aware_bases_choose_what_pca_discards():
     for _ in range(200):
         a, b = torch.randn(3, 1, generator=r, dtype=torch.float64), torch.randn(1, 3, generator=r, dtype=torch.float64)
         assert _kron_loss(a, b, g, sigma) >= fisher_loss * (1 - 1e-9)
+
+
+# --- Normalisation, damping, baselines and the one-line errors (fast; found by the mutation run) -----------
+
+
+def test_hessian_and_fisher_divide_the_probe_sums_by_their_count():
+    """Statistics hold sums: H and G are the sums over ``grad_count`` samples, so 4x the sums over 4 samples
+    give the same bases and the same predicted losses as the sums over one."""
+    h, _ = _spd([9.0, 5.0, 2.0, 1.0], seed=3)
+    g, _ = _spd([3.0, 2.0, 0.5, 0.25], seed=4)
+    sigma, _ = _spd([4.0, 2.0, 1.0, 0.5], seed=5)
+    one = _stats(torch.zeros(4), sigma, hessian=h, grad_m2=g)
+    four = _stats(torch.zeros(4), sigma, hessian=4 * h, grad_m2=4 * g)
+    four.grad["grad_count"] = torch.tensor(4.0, dtype=torch.float64)
+    for method in ("hessian", "fisher"):
+        a, b = METHODS[method].basis(None, one), METHODS[method].basis(None, four)
+        torch.testing.assert_close(b.loss, a.loss, rtol=1e-9, atol=1e-12)
+        for x, y in zip(a.pair(2), b.pair(2)):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+
+
+def test_fisher_damping_adds_a_fraction_of_the_mean_eigenvalue_of_g():
+    """damping d on G is the undamped fisher of G + d * (tr G / C) I (mean eigenvalue 0.25 here, not 1)."""
+    g, _ = _spd([0.6, 0.3, 0.05, 0.05], seed=6)
+    sigma, _ = _spd([4.0, 2.0, 1.0, 0.5], seed=7)
+    mu = torch.arange(4, dtype=torch.float64)
+    damped = g + 0.5 * (g.trace() / 4) * torch.eye(4, dtype=torch.float64)
+    got, expected = fisher_from(g, sigma, mu, 0.5), fisher_from(damped, sigma, mu, 0.0)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got.pair(2), expected.pair(2)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_svd_of_a_pair_keeps_the_pairs_effective_bias():
+    """svd of an existing pair factorises U W1 and passes U b1 + b2 through (the up-bias included)."""
+    g = torch.Generator().manual_seed(8)
+    layer = nn.Linear(5, 6).double()
+    up = torch.linalg.qr(torch.randn(6, 4, generator=g, dtype=torch.float64)).Q
+    pair = project_layer(layer, up, up.T, torch.randn(6, generator=g, dtype=torch.float64) * 3)
+    assert pair.up.bias.abs().max() > 0.5
+    basis = METHODS["svd"].basis(pair, None)
+    w, b = _effective_weight(pair)
+    torch.testing.assert_close(basis.mu, b, rtol=0, atol=1e-12)
+    w2, b2 = _effective_weight(project_layer(pair, *basis.pair(2)))
+    torch.testing.assert_close(b2, b, rtol=0, atol=1e-10)
+    torch.testing.assert_close((w - w2).pow(2).sum(), torch.linalg.svdvals(w)[2:].pow(2).sum(), rtol=1e-9, atol=1e-12)
+
+
+def test_l1_loss_is_the_l1_mass_of_the_dropped_filters():
+    layer = nn.Linear(3, 4).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [4.0, 0.0, 0.0], [0.5, 0.0, 0.0], [-2.0, 0.5, 0.5]]))
+    basis = METHODS["l1"].basis(layer, _stats(torch.zeros(4)))
+    torch.testing.assert_close(basis.loss, torch.tensor([9.5, 5.5, 2.5, 0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(basis.up[:, :2], torch.eye(4, dtype=torch.float64)[:, [1, 3]])  # norms 4 and 3
+
+
+def test_random_basis_is_seeded_orthonormal_and_centred_on_the_data_mean():
+    layer = nn.Linear(3, 5).double()
+    mean = torch.arange(5, dtype=torch.float64)
+    torch.manual_seed(11)
+    a = METHODS["random"].basis(layer, None)
+    torch.manual_seed(12)  # the global generator plays no part
+    b = METHODS["random"].basis(layer, None, seed=0)
+    torch.testing.assert_close(a.up, b.up, rtol=0, atol=0)  # the default seed is 0
+    assert not torch.allclose(METHODS["random"].basis(layer, None, seed=1).up, a.up)
+    torch.testing.assert_close(a.up.T @ a.up, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.down, a.up.T, rtol=0, atol=0)
+    assert a.loss is None
+    torch.testing.assert_close(a.mu, layer.bias.detach(), rtol=0, atol=0)  # no statistics: the bias
+    torch.testing.assert_close(METHODS["random"].basis(layer, _stats(mean)).mu, mean, rtol=0, atol=0)
+
+
+def test_layer_basis_passes_each_method_only_its_own_options():
+    layer = nn.Linear(3, 4).double()
+    stats = _stats(torch.zeros(4), grad_m2=torch.eye(4) * 2, hessian=torch.eye(4))
+    options = {"seed": 3, "damping": 0.5}
+    torch.testing.assert_close(layer_basis(layer, "fc", stats, "random", options).up,
+                               METHODS["random"].basis(layer, stats, seed=3).up, rtol=0, atol=0)
+    torch.testing.assert_close(layer_basis(layer, "fc", stats, METHODS["fisher"], options).loss,
+                               fisher_from(torch.eye(4) * 2, stats.moments.covariance, stats.moments.mean, 0.5).loss)
+    torch.testing.assert_close(layer_basis(layer, "fc", None, "svd").up, METHODS["svd"].basis(layer, None).up)
+    torch.testing.assert_close(layer_basis(layer, "fc", stats, "svd", None).mu, layer.bias.double())
+
+
+def test_methods_refuse_missing_statistics_in_one_line():
+    layer = nn.Linear(3, 4).double()
+    with pytest.raises(RankcutError, match=r"^unknown method 'pcb'; choose from pca, hessian, fisher, svd, l1, "
+                                           r"random$"):
+        get_method("pcb")
+    with pytest.raises(RankcutError, match=r"^--method pca needs statistics: run rankcut stats first and pass "
+                                           r"--stats$"):
+        layer_basis(layer, "fc", None, "pca")
+    with pytest.raises(RankcutError, match=r"^--method hessian needs gradient statistics: rerun rankcut stats with "
+                                           r"--grad kl \(or --grad mse\)$"):
+        layer_basis(layer, "fc", _stats(torch.zeros(4)), "hessian")
+    for method in ("svd", "random"):  # data-free: no statistics needed
+        layer_basis(layer, "fc", None, method)
+    layer_basis(layer, "fc", _stats(torch.zeros(4)), "l1")  # moments suffice
+
+
+def test_failed_and_non_finite_bases_are_one_line_errors():
+    layer = nn.Linear(3, 4).double()
+    with torch.no_grad():
+        layer.weight[0, 0] = torch.nan
+    with pytest.raises(RankcutError, match=r"^--method svd failed on layer fc: linalg.svd: .*non-finite"):
+        layer_basis(layer, "fc", None, "svd")
+    singular = _stats(torch.zeros(4), hessian=torch.eye(4), grad_m2=torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0])))
+    with pytest.raises(RankcutError, match=r"^--method fisher gave a non-finite basis for layer fc: its "
+                                           r"output-gradient covariance G is singular and --damping 0 cannot "
+                                           r"invert it; use --damping > 0 \(default 0.001\); nothing written$"):
+        layer_basis(nn.Linear(3, 4), "fc", singular, "fisher", {"damping": 0.0})
+    layer_basis(nn.Linear(3, 4), "fc", singular, "fisher", {"damping": 1e-3})  # damped: finite
+    # non-finite statistics (not G): the generic reason, also for a method that has a damping option
+    extreme = _stats(torch.tensor([0.0, torch.inf, 0.0, 0.0]), hessian=torch.eye(4), grad_m2=torch.eye(4))
+    for method, options in (("pca", {"damping": 0.0}), ("fisher", {"damping": 1e-3})):
+        with pytest.raises(RankcutError, match=rf"^--method {method} gave a non-finite basis for layer fc: its weights "
+                                               r"or statistics are too extreme; nothing written$"):
+            layer_basis(nn.Linear(3, 4), "fc", extreme, method, options)
+
+
+def test_target_basis_is_the_basis_of_the_layer_with_its_batchnorm_folded():
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU()).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.linspace(-1, 1, 5))
+        model[1].running_var.copy_(torch.linspace(0.5, 3, 5))
+        model[1].weight.copy_(torch.linspace(2, 0.1, 5))
+    folded = fold_batchnorm(model[0], model[1])
+    assert foldable_bn(model, Target("0", "1")) is model[1] and foldable_bn(model, Target("0")) is None
+    torch.testing.assert_close(target_basis(model, Target("0", "1"), None, "svd").loss,
+                               METHODS["svd"].basis(folded, None).loss)
+    torch.testing.assert_close(target_basis(model, Target("0"), None, "svd").loss,
+                               METHODS["svd"].basis(model[0], None).loss)
+    model[1] = nn.Identity()  # already folded by an earlier projection: nothing left to fold
+    assert foldable_bn(model, Target("0", "1")) is None
+    torch.testing.assert_close(target_basis(model, Target("0", "1"), None, "svd").loss,
+                               METHODS["svd"].basis(model[0], None).loss)
+
+
+def test_kept_variance_is_one_minus_the_discarded_fraction():
+    sigma, q = _spd([5.0, 3.0, 1.5, 0.5], seed=9)
+    stats = _stats(torch.zeros(4), sigma)
+    for k, kept in ((1, 0.5), (2, 0.8), (4, 1.0)):
+        up, down, _ = pca(None, stats).pair(k)
+        assert kept_variance(up, down, stats) == pytest.approx(kept, abs=1e-12)
+    torch.testing.assert_close(pca(None, stats).loss, torch.tensor([10.0, 5.0, 2.0, 0.5, 0.0], dtype=torch.float64))
+    small = _stats(torch.zeros(4), sigma / 20)  # total variance 0.5: fractions do not depend on the scale
+    assert kept_variance(*pca(None, small).pair(1)[:2], small) == pytest.approx(0.5, abs=1e-12)
+    up, down = q[:, 3:], q[:, 3:].T  # the weakest direction only
+    assert kept_variance(up, down, stats) == pytest.approx(0.05, abs=1e-12)
+    assert kept_variance(up, down, _stats(torch.zeros(4), torch.zeros(4, 4))) == 1.0  # nothing to keep
+
+
+def test_bases_are_canonical_unit_columns_with_a_positive_largest_entry():
+    """fisher's up = G^(-1/2) U is not unit-norm before canonicalisation (G is large here); the product is kept."""
+    sigma, _ = _spd([4.0, 2.0, 1.0, 0.5], seed=10)
+    g, _ = _spd([40.0, 20.0, 9.0, 5.0], seed=11)
+    h, _ = _spd([3.0, 2.0, 1.0, 0.5], seed=12)
+    stats = _stats(torch.zeros(4), sigma, hessian=h, grad_m2=g)
+    layer = nn.Linear(5, 4).double()
+    raw = fisher_from(g, sigma, torch.zeros(4), 0.0)
+    for method in ("pca", "hessian", "fisher", "svd"):
+        basis = METHODS[method].basis(layer, stats)
+        torch.testing.assert_close(basis.up.norm(dim=0), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
+        largest = basis.up.gather(0, basis.up.abs().argmax(0, keepdim=True))
+        assert (largest > 0).all(), (method, largest)
+    up, down, _ = METHODS["fisher"].basis(None, stats, damping=0.0).pair(2)
+    torch.testing.assert_close(up @ down, raw.up[:, :2] @ raw.down[:2], rtol=1e-9, atol=1e-9)
+
+
+def test_target_basis_passes_the_name_statistics_and_options_through():
+    model = nn.Sequential(nn.Linear(3, 4)).double()
+    mean = torch.arange(4, dtype=torch.float64)
+    assert torch.equal(target_basis(model, Target("0"), _stats(mean), "pca").mu, mean)
+    torch.testing.assert_close(target_basis(model, Target("0"), None, "random", {"seed": 5}).up,
+                               METHODS["random"].basis(model[0], None, seed=5).up, rtol=0, atol=0)
+    with torch.no_grad():
+        model[0].weight[0, 0] = torch.nan
+    with pytest.raises(RankcutError, match="^--method svd failed on layer 0: "):
+        target_basis(model, Target("0"), None, "svd")

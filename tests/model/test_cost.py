@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from torch import nn
 
+from rankcut.errors import RankcutError
 from rankcut.model.archs import InputContract
-from rankcut.model.cost import count_macs, count_params, pair_saves
+from rankcut.model.cost import Geometry, count_macs, count_params, geometry, pair_saves, target_cost, target_macs
 from rankcut.model.layers import empty_pair
 
 RGB16 = InputContract((3, 16, 16), (0.0,) * 3, (1.0,) * 3)
@@ -16,6 +18,7 @@ def test_conv_and_linear_by_hand():
     total, per_layer = count_macs(model, RGB16)
     conv, linear = 8 * 3 * 3 * 3 * (8 * 8), 8 * 8 * 8 * 10  # outputs x inputs per output
     assert per_layer == {"0": conv, "3": linear}
+    assert all(type(v) is int for v in (total, *per_layer.values()))  # counts, written as integers to JSON
     assert total == conv + linear
     assert count_params(model) == (8 * 3 * 3 * 3 + 8) + (8 * 8 * 8 * 10 + 10)
 
@@ -52,3 +55,31 @@ def test_pair_saves_exactly_below_the_break_even_rank():
     for k in (3, 4):
         paired = count_macs(nn.Sequential(nn.Flatten(), empty_pair(layer, k)), contract)[0]
         assert (paired < whole) == pair_saves(layer, k), (k, paired, whole)
+
+
+def test_geometry_predicts_the_counted_cost_of_a_layer_and_of_its_pair():
+    """Conv 3 -> 8, 3x3, stride 2 on 16x16: 27 inputs per output, 8 outputs, 64 output positions."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1))
+    geo = geometry(model, "0", count_macs(model, RGB16)[1])
+    assert geo == Geometry(27, 8, 64.0)
+    assert Geometry.of(model[0]) == Geometry(27, 8, 1.0) and Geometry.of(model[0], 64.0) == geo
+    assert geo.whole_macs() == 27 * 8 * 64 == target_macs(model, "0", count_macs(model, RGB16)[1])
+    for k in (1, 3):
+        paired = nn.Sequential(empty_pair(model[0], k))
+        per_layer = count_macs(paired, RGB16)[1]
+        assert geometry(paired, "0", per_layer) == geo  # a pair keeps the layer's geometry
+        by_hand = (k * (27 + 8) * 64, k * 27 + k + 8 * k + 8)  # MACs and parameters of down and up
+        assert target_cost(paired, "0", per_layer) == (geo.pair_macs(k), geo.pair_params(k)) == by_hand
+    assert target_cost(model, "0", {"0": 5}) == (5, 8 * 27 + 8)
+    assert target_macs(model, "0", {}) == 0 and target_macs(nn.Sequential(empty_pair(model[0], 2)), "0", {}) == 0
+    assert Geometry(10, 4, 2.5).whole_macs() == 100 and Geometry(10, 4, 2.5).pair_macs(3) == 105
+
+
+def test_geometry_refuses_a_layer_that_does_no_counted_work():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3))
+    with pytest.raises(RankcutError, match="^0 does no counted work in a forward pass, so a MACs budget cannot "
+                                           "price it$"):
+        geometry(model, "0", {"0": 0})
+    assert geometry(nn.Sequential(nn.Linear(1, 1)), "0", {"0": 1}) == Geometry(1, 1, 1.0)  # one MAC is work
+    with pytest.raises(RankcutError, match="^0 does no counted work"):
+        geometry(nn.Sequential(empty_pair(model[0], 2)), "0", {"0": 100})  # a pair's work is counted at its down half

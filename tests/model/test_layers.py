@@ -8,8 +8,8 @@ from torch import nn
 
 from builders import randomize_
 
-from rankcut.model.layers import (LowRank, current_rank, empty_pair, fold_batchnorm, is_target_type, max_rank,
-                                  out_width, project_layer)
+from rankcut.model.layers import (LowRank, current_rank, empty_pair, fan_in, fold_batchnorm, is_target_type, max_rank,
+                                  out_width, plain_batchnorm, project_layer, with_bias)
 
 
 def _seeded(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -22,6 +22,7 @@ LAYERS = {
     "conv without bias": (lambda: nn.Conv2d(4, 6, 3, padding=1, bias=False), (2, 4, 5, 5)),
     "linear": (lambda: nn.Linear(5, 6), (3, 5)),
     "dilated conv": (lambda: nn.Conv2d(4, 6, 3, stride=1, padding=2, dilation=2), (2, 4, 9, 9)),
+    "circular conv": (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), (2, 4, 5, 5)),
 }
 
 
@@ -89,5 +90,27 @@ def test_widths_and_ranks():
     assert (out_width(pair), current_rank(pair), max_rank(pair)) == (16, 5, 5)
     assert max_rank(nn.Conv2d(1, 16, 3)) == 9  # nine inputs per output: the outputs span at most nine directions
     assert max_rank(nn.Linear(4, 10)) == 4
+    assert (fan_in(nn.Linear(4, 1)), max_rank(nn.Linear(4, 1)), fan_in(empty_pair(conv, 1))) == (4, 1, 27)  # one output
     assert [is_target_type(m) for m in (conv, pair, nn.Linear(2, 2), nn.Conv2d(4, 4, 3, groups=2),
                                         nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))] == [True] * 3 + [False] * 3
+
+
+def test_with_bias_keeps_a_biased_layer_and_gives_a_biasless_one_a_zero_bias():
+    biased = _seeded(nn.Conv2d(3, 4, 3))
+    assert with_bias(biased) is biased
+    plain = _seeded(nn.Conv2d(3, 4, 3, padding=1, bias=False))
+    new = with_bias(plain)
+    assert new is not plain and plain.bias is None and new.weight.dtype == torch.float64
+    torch.testing.assert_close(new.bias, torch.zeros(4, dtype=torch.float64), rtol=0, atol=0)
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), plain(x), rtol=0, atol=0)
+
+
+def test_only_batchnorms_with_torchs_own_forward_fold():
+    class WithActivation(nn.BatchNorm2d):  # like timm's BatchNormAct2d: the forward does more than normalise
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    assert plain_batchnorm(nn.BatchNorm2d(4)) and plain_batchnorm(nn.BatchNorm1d(4))
+    assert not plain_batchnorm(WithActivation(4)) and not plain_batchnorm(nn.Conv2d(4, 4, 1))
