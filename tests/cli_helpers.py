@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
@@ -53,3 +56,11 @@ def rankcut(*args, fails: bool = False):
     if fails:
         return result.message
     return result.data if "--json" in map(str, args) else result
+
+
+def launch(*args, nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process, or under ``torchrun --standalone --nproc_per_node=nproc`` (gloo on CPU)."""
+    launcher = [sys.executable, "-m", "rankcut.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "rankcut.cli"]
+    return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})

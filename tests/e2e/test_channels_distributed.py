@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,27 +9,22 @@ import torch
 
 from rankcut.files.safenpz import read_npz
 
+from cli_helpers import launch
+
 pytestmark = pytest.mark.timeout(600)  # each test starts a few torchrun jobs (each limited to 300 s)
-
-
-def rankcut(*args, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "rankcut.cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "rankcut.cli"]
-    return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
 def test_two_process_chain_stats_equal_single_process(tmp_path):
     ckpt = tmp_path / "base.safetensors"
-    assert rankcut("init", "--arch", "rankcut:mnist-cnn", "-o", ckpt).returncode == 0
+    assert launch("init", "--arch", "rankcut:mnist-cnn", "-o", ckpt).returncode == 0
     g = torch.Generator().manual_seed(0)
     np.savez(tmp_path / "data.npz", x=torch.rand(37, 1, 28, 28, generator=g).numpy())  # shards and batches uneven
     single, double = tmp_path / "one.npz", tmp_path / "two.npz"
     common = ["--data", tmp_path / "data.npz", "-b", "5", "--device", "cpu", "--structure", "channels"]
-    r = rankcut("stats", ckpt, *common, "-o", single)
+    r = launch("stats", ckpt, *common, "-o", single)
     assert r.returncode == 0, r.stderr
-    r = rankcut("stats", ckpt, *common, "-o", double, nproc=2)
+    r = launch("stats", ckpt, *common, "-o", double, nproc=2)
     assert r.returncode == 0, r.stderr
     a, b = read_npz(single), read_npz(double)
     chain_keys = [k for k in a if "/in_" in k]

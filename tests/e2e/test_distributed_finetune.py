@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -13,14 +11,10 @@ import torch
 
 from rankcut.files.checkpoint import load_with_meta, read_meta
 
+from cli_helpers import launch
+
 pytestmark = pytest.mark.timeout(600)  # each test starts a few torchrun jobs (each limited to 300 s)
-
-
-def torchrun(*args) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "rankcut.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+torchrun = partial(launch, nproc=2)
 
 
 @pytest.fixture

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,14 +10,9 @@ import torch
 
 from rankcut.files.checkpoint import load_with_meta
 
+from cli_helpers import launch
+
 pytestmark = pytest.mark.timeout(600)  # a few torchrun jobs (each limited to 300 s)
-
-
-def rankcut(*args, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "rankcut.cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "rankcut.cli"]
-    return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
@@ -29,18 +21,18 @@ def test_two_process_refit_equals_single_process(tmp_path):
     inputs), fc1's the rows gathered from both processes (37 rows < 9,217 inputs). fc1 keeps rank 19, below
     the data's rank, so its pair is unique (with a rank above it, the factors are not, only their product)."""
     base, small, stats = tmp_path / "base.safetensors", tmp_path / "small.safetensors", tmp_path / "s.npz"
-    assert rankcut("init", "--arch", "rankcut:mnist-cnn", "--seed", "0", "-o", base).returncode == 0
+    assert launch("init", "--arch", "rankcut:mnist-cnn", "--seed", "0", "-o", base).returncode == 0
     g = torch.Generator().manual_seed(0)
     np.savez(tmp_path / "data.npz", x=torch.rand(37, 1, 28, 28, generator=g).numpy())
     data = ["--data", tmp_path / "data.npz", "--device", "cpu", "-b", "5"]
-    r = rankcut("stats", base, *data, "-o", stats)
+    r = launch("stats", base, *data, "-o", stats)
     assert r.returncode == 0, r.stderr
-    r = rankcut("project", base, "--stats", stats, "--keep", "0.15", "--layers", "conv2,fc1", "-o", small)
+    r = launch("project", base, "--stats", stats, "--keep", "0.15", "--layers", "conv2,fc1", "-o", small)
     assert r.returncode == 0, r.stderr
     outputs = {}
     for nproc in (1, 2):
         out = tmp_path / f"refit{nproc}.safetensors"
-        r = rankcut("refit", small, "--teacher", base, *data, "--damping", "1e-2", "-o", out, "--json", nproc=nproc)
+        r = launch("refit", small, "--teacher", base, *data, "--damping", "1e-2", "-o", out, "--json", nproc=nproc)
         assert r.returncode == 0, r.stderr
         outputs[nproc] = (load_with_meta(out)[0].state_dict(), json.loads(r.stdout))
     (one, report1), (two, report2) = outputs[1], outputs[2]

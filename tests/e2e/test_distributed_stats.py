@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,27 +9,22 @@ import torch
 
 from rankcut.files.safenpz import read_npz
 
+from cli_helpers import launch
+
 pytestmark = pytest.mark.timeout(600)  # each test starts a few torchrun jobs (each limited to 300 s)
-
-
-def rankcut(*args, nproc: int = 1, env=None) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "rankcut.cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "rankcut.cli"]
-    return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 @pytest.mark.slow
 def test_two_process_stats_equal_single_process(tmp_path):
     ckpt = tmp_path / "base.safetensors"
-    assert rankcut("init", "--arch", "rankcut:small-resnet", "-o", ckpt).returncode == 0
+    assert launch("init", "--arch", "rankcut:small-resnet", "-o", ckpt).returncode == 0
     g = torch.Generator().manual_seed(0)
     # 37 samples: neither the two shards nor the batches divide evenly.
     np.savez(tmp_path / "data.npz", x=torch.rand(37, 1, 28, 28, generator=g).numpy())
     single, double = tmp_path / "one.npz", tmp_path / "two.npz"
-    r = rankcut("stats", ckpt, "--data", tmp_path / "data.npz", "-b", "5", "--device", "cpu", "-o", single)
+    r = launch("stats", ckpt, "--data", tmp_path / "data.npz", "-b", "5", "--device", "cpu", "-o", single)
     assert r.returncode == 0, r.stderr
-    r = rankcut("stats", ckpt, "--data", tmp_path / "data.npz", "-b", "5", "--device", "cpu", "-o", double, nproc=2)
+    r = launch("stats", ckpt, "--data", tmp_path / "data.npz", "-b", "5", "--device", "cpu", "-o", double, nproc=2)
     assert r.returncode == 0, r.stderr
     a, b = read_npz(single), read_npz(double)
     assert a.keys() == b.keys()
@@ -48,10 +40,10 @@ def test_two_process_stats_equal_single_process(tmp_path):
 @pytest.mark.slow
 def test_fewer_samples_than_processes_is_one_line_from_rank_0(tmp_path):
     ckpt = tmp_path / "base.safetensors"
-    assert rankcut("init", "--arch", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-o", ckpt).returncode == 0
+    assert launch("init", "--arch", "rankcut:small-resnet", "--kwargs", '{"width": 4}', "-o", ckpt).returncode == 0
     np.savez(tmp_path / "one.npz", x=np.zeros((1, 28, 28), np.uint8))
     out = tmp_path / "s.npz"
-    r = rankcut("stats", ckpt, "--data", tmp_path / "one.npz", "--device", "cpu", "-o", out, nproc=2)
+    r = launch("stats", ckpt, "--data", tmp_path / "one.npz", "--device", "cpu", "-o", out, nproc=2)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode != 0 and r.stdout == "", r.stderr
     assert errors == ["error: the data has 1 sample(s), fewer than the 2 processes torchrun started: give every "
