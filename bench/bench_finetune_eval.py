@@ -12,7 +12,6 @@ change cost, so an SVD stands in for the data-driven methods here; accuracy is n
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -25,7 +24,7 @@ from rankcut.files.checkpoint import CheckpointMeta
 from rankcut.run.data import open_data
 from rankcut.dist import Context
 from rankcut.run.evaluate import output_classes
-from rankcut.run.latency import measure_latency
+from rankcut.run.latency import compare_models
 from rankcut.model.layers import current_rank
 from rankcut.model.cost import count_macs, count_params
 from rankcut.compress.project import project_model
@@ -47,14 +46,11 @@ def halved(model: torch.nn.Module, meta: CheckpointMeta) -> torch.nn.Module:
 
 
 def paired_latency(a: torch.nn.Module, b: torch.nn.Module, meta: CheckpointMeta, batch: int,
-                   rounds: int = 7) -> tuple[float, float]:
-    """Median latency of ``a`` and ``b``, measured in alternating rounds so that load from other
-    processes on the machine hits both alike."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
-        for model, out in zip((a, b), times):
-            out.append(measure_latency(model, meta.input, batch, torch.device("cpu"), min_seconds=0.3)["batch_ms"])
-    return statistics.median(times[0]), statistics.median(times[1])
+                   rounds: int = 7) -> tuple[float, float, float]:
+    """Median latency of ``a`` and ``b`` and the median of their pairwise ratios (``run.latency.compare_models``:
+    the two take turns pass by pass, so load from other processes hits both alike), over at least ``rounds``."""
+    fa, fb = compare_models([a, b], meta.input, batch, torch.device("cpu"), min_rounds=rounds)
+    return fa["batch_ms"], fb["batch_ms"], fb["ratio"]
 
 
 def train_throughput(model: torch.nn.Module, meta: CheckpointMeta, batch: int, images: int) -> float:
@@ -66,7 +62,7 @@ def train_throughput(model: torch.nn.Module, meta: CheckpointMeta, batch: int, i
     return summaries[-1].images_per_s
 
 
-def measure(arch: str, rounds: int = 7) -> list[tuple[str, float, float]]:
+def measure(arch: str, rounds: int = 7) -> list[tuple[str, float, float, float]]:
     """(figure, original, compressed) rows for one architecture."""
     meta = CheckpointMeta(arch, {}, archs.default_input(arch, {}))
     torch.manual_seed(0)
@@ -74,12 +70,13 @@ def measure(arch: str, rounds: int = 7) -> list[tuple[str, float, float]]:
     compressed = halved(archs.build(arch).eval(), meta)
     rows = []
     for label, fn in [("MACs", lambda m: count_macs(m, meta.input)[0]), ("params", count_params)]:
-        rows.append((label, fn(original), fn(compressed)))
+        a, b = fn(original), fn(compressed)
+        rows.append((label, a, b, b / a))
     for batch in (1, 32):
         rows.append((f"latency ms, batch {batch}", *paired_latency(original, compressed, meta, batch, rounds)))
     batch, images = CASES[arch]
-    rows.append((f"fine-tune img/s, batch {batch}",
-                 *(train_throughput(m, meta, batch, images) for m in (original, compressed))))
+    a, b = (train_throughput(m, meta, batch, images) for m in (original, compressed))
+    rows.append((f"fine-tune img/s, batch {batch}", a, b, b / a))
     return rows
 
 
@@ -87,16 +84,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--archs", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--rounds", type=int, default=7, help="alternating latency rounds")
+    parser.add_argument("--rounds", type=int, default=7, help="least alternating latency rounds (ratios: median of pairwise ratios)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     table = Table("model", "figure", "original", "rank x0.5 (svd)", "ratio",
                   title=f"Rank 0.5 of every target; CPU, {args.threads} threads, torch {torch.__version__}")
     for arch in args.archs:
         start = time.perf_counter()
-        for label, a, b in measure(arch, args.rounds):
+        for label, a, b, ratio in measure(arch, args.rounds):
             fmt = "{:,.0f}" if label in ("MACs", "params") else "{:,.2f}"
-            table.add_row(arch.partition(":")[2], label, fmt.format(a), fmt.format(b), f"{b / a:.3f}")
+            table.add_row(arch.partition(":")[2], label, fmt.format(a), fmt.format(b), f"{ratio:.3f}")
         table.add_section()
         Console(stderr=True).print(f"{arch}: {time.perf_counter() - start:.0f} s")
     show(table)

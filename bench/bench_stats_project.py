@@ -22,7 +22,7 @@ from rich.table import Table
 from rankcut.model import archs
 from rankcut.compress.budget import ranks_from_keep
 from rankcut.dist import Context
-from rankcut.run.latency import measure_latency
+from rankcut.run.latency import compare_models
 from rankcut.model.cost import count_macs
 from rankcut.compress.project import project_model
 from rankcut.stats.moments import LayerStats
@@ -98,8 +98,7 @@ def main() -> None:
     with torch.no_grad():
         project_model(small, targets, {t.name: LayerStats(t, moments[t.name]) for t in targets}, "pca", ranks)
     macs0, macs1 = count_macs(model, contract)[0], count_macs(small, contract)[0]
-    lat = {b: (measure_latency(model, contract, b, CPU.device)["batch_ms"],
-               measure_latency(small, contract, b, CPU.device)["batch_ms"]) for b in (1, args.batch)}
+    lat = {b: compare_models([model, small], contract, b, CPU.device) for b in (1, args.batch)}
 
     shape = "x".join(map(str, contract.shape))
     table = Table("measure", "value", title=f"{args.arch} {shape}, {args.images} synthetic images, batch {args.batch}, "
@@ -110,8 +109,9 @@ def main() -> None:
     table.add_row("stats / forward time", f"{t_stats / t_forward:.2f}  (target <= 1.3)")
     table.add_row("peak RSS forward / stats (MiB)", f"{mem_forward['peak_mib']:.0f} / {mem_stats['peak_mib']:.0f}")
     table.add_row("project --keep 0.5: MACs ratio", f"{macs1 / macs0:.3f}  ({macs1 / 1e9:.3f} / {macs0 / 1e9:.3f} G)")
-    for b, (orig, comp) in lat.items():
-        table.add_row(f"latency ratio, batch {b}", f"{comp / orig:.3f}  ({comp:.1f} / {orig:.1f} ms)")
+    for b, (orig, comp) in lat.items():  # the ratio: median of pairwise ratios, the models taking turns
+        table.add_row(f"latency ratio, batch {b}", f"{comp['ratio']:.3f}  ({comp['batch_ms']:.1f} / "
+                      f"{orig['batch_ms']:.1f} ms)")
     show(table)
 
 

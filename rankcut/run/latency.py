@@ -189,27 +189,3 @@ def figures(t: Timing, batch_size: int, threads: int, runtime: str) -> dict:
             "spread_ms": list(t.spread_ms), "rounds": t.rounds, "passes": t.passes, "threads": threads,
             "runtime": runtime}
 
-
-def measure_latency(model: nn.Module, contract: InputContract, batch_size: int, device: torch.device, *,
-                    warmup: int = 3, min_repeats: int = 5, min_seconds: float = 1.0,
-                    max_repeats: int = 200) -> dict:
-    """Median wall time of one forward pass at ``batch_size``: per batch and per image, in milliseconds.
-
-    One model alone (no comparison): runs are repeated until both ``min_repeats`` runs and ``min_seconds``
-    of timing have passed (at most ``max_repeats``). To compare models, use ``compare_models``.
-    """
-    x = random_input(contract, batch_size, device)
-    times: list[float] = []
-    with eval_mode(model), torch.inference_mode():
-        run = torch_runner(model, x)
-        for _ in range(warmup):
-            run()
-        spent = 0.0
-        while len(times) < max_repeats and (len(times) < min_repeats or spent < min_seconds):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-            spent += times[-1]
-    batch_ms = statistics.median(times) * 1e3
-    return {"batch_size": batch_size, "batch_ms": batch_ms, "image_ms": batch_ms / batch_size, "repeats": len(times)}
-

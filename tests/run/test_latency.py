@@ -7,7 +7,7 @@ import torch
 from cli_helpers import rankcut
 from torch import nn
 
-from rankcut.run.latency import compare, compare_models, measure_latency, pinned_threads
+from rankcut.run.latency import compare, compare_models, pinned_threads
 from rankcut.model.archs import InputContract
 
 
@@ -95,10 +95,3 @@ def test_eval_latency_in_onnxruntime(mnist_ckpt, tmp_path):
     # rank 0.25 of conv2 and fc1 leaves 0.32x the MACs; in CPU time the graph must be clearly cheaper
     assert lat["cpu_ratio"] < 0.9, f"the projected graph took {lat['cpu_ratio']:.3f}x the CPU time"
 
-
-def test_measure_latency_takes_the_median_of_enough_runs():
-    from rankcut.model.archs import MNIST
-
-    figures = measure_latency(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), MNIST, 3,
-                              torch.device("cpu"), min_seconds=0.01)
-    assert 5 <= figures["repeats"] <= 200 and figures["image_ms"] == pytest.approx(figures["batch_ms"] / 3)
