@@ -501,7 +501,8 @@ class SweepConfig:
         if "pair" in self.structures and not self.methods:
             raise RankcutError("--methods names no method")
         if not self.budgets:
-            raise RankcutError("say which budgets to sweep: --keep, --macs, --params or --latency, e.g. --macs 0.5,0.25")
+            raise RankcutError("say which budgets to sweep: --keep, --macs, --params or --latency, e.g. --macs "
+                               "0.5,0.25")
         for kind, _ in self.budgets:
             if kind not in KINDS:
                 raise RankcutError(f"a sweep budget is one of {', '.join(KINDS)}, got {kind!r}")
@@ -621,13 +622,12 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
     labelled (top-1 orders the points).
     """
     check_sweep_inputs(stats, config, train_set, profile)
-    check_dataset_labels(dataset, classes, False, "the sweep's data")
-    labels = known_labels(dataset)
-    if labels is not None and bool((labels == UNLABELED).any()):
-        raise RankcutError("the sweep's data has unlabelled samples; a sweep orders its points by top-1 and needs "
-                           "labelled data")
-    if config.trains:
-        check_dataset_labels(train_set, classes, not config.finetune_epochs, "the training data")
+    _check_labels(dataset, classes, "the sweep's data", "a sweep orders its points by top-1 and needs labelled data")
+    if config.finetune_epochs:
+        _check_labels(train_set, classes, "the training data", "--finetune-epochs trains on labels (--refit alone "
+                      "needs none)")
+    elif config.refit:
+        _check_labels(train_set, classes, "the training data")
     ctx = ctx or dist.Context(0, 1, next(model.parameters()).device)
     fingerprint = {**(cache.inputs if cache else {}), **config.fingerprint(), "device": ctx.device.type}
     known = (cache.read(fingerprint) if cache else None) or {}
@@ -686,7 +686,17 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
     return out
 
 
-def _history(result: ProjectResult | PruneResult, steps: list[tuple[str, dict]], inputs: dict) -> list[tuple[str, dict]]:
+def _check_labels(dataset: Dataset, classes: int, what: str, labelled: str | None = None) -> None:
+    """Refuse, before any work, labels the model cannot predict, and with ``labelled`` (why labels are needed)
+    unlabelled samples."""
+    check_dataset_labels(dataset, classes, False, what)
+    labels = known_labels(dataset)
+    if labelled is not None and labels is not None and bool((labels == UNLABELED).any()):
+        raise RankcutError(f"{what} has unlabelled samples; {labelled}")
+
+
+def _history(result: ProjectResult | PruneResult, steps: list[tuple[str, dict]],
+             inputs: dict) -> list[tuple[str, dict]]:
     """A kept point's history entries: ``project``'s as ``rankcut project`` writes it for the same point, then
     the refit and fine-tuning steps, with the digests of the input files where the cache knows them."""
     def short(key: str) -> str | None:

@@ -236,28 +236,3 @@ def test_sweep_configs_validate_themselves(make, message):
     with pytest.raises(RankcutError, match=re.escape(message)):
         make()
 
-
-def test_a_python_sweep_reuses_its_cache_as_the_cli_does(tmp_path, mnist_ckpt):
-    """api.sweep with a SweepCache: the file is written, a rerun computes nothing, one more budget computes one
-    point, and another option (refit) recomputes every point; the CLI reuses the file the library wrote."""
-    model, meta = rankcut.load_with_meta(mnist_ckpt)
-    data = rankcut.open_data("synthetic:32", meta.input)
-    out = tmp_path / "sweep.json"
-    inputs = rankcut.file_inputs(mnist_ckpt, None, "synthetic:32", None, train_data="synthetic:32")
-    cache = rankcut.SweepCache(out, inputs)
-
-    def sweep(*fractions, **options):
-        config = rankcut.SweepConfig(methods=("svd",), layers=("conv2",), budgets=tuple(("keep", f) for f in fractions),
-                                     eval=rankcut.EvalConfig(batch_size=16), **options)
-        result = rankcut.sweep(model, meta.input, None, data, 10, config, cache=cache, train_set=data)
-        return result["computed"], result["reused"]
-
-    assert sweep(0.5) == (1, 0)
-    assert json.loads(out.read_text())["complete"] is True
-    assert sweep(0.5) == (0, 1)
-    assert sweep(0.5, 0.25) == (1, 1)
-    with pytest.warns(UserWarning, match="refit"):
-        assert sweep(0.5, 0.25, refit=True) == (2, 0)
-    again = cli("sweep", mnist_ckpt, "--data", "synthetic:32", "--methods", "svd", "--layers", "conv2", "--keep", "0.5,0.25", "--refit",
-                "--train-data", "synthetic:32", "-b", "16", "--device", "cpu", "-o", out, "--json")
-    assert (again["computed"], again["reused"]) == (0, 2)

@@ -127,6 +127,8 @@ def sweep(
                          finetune_epochs=finetune_epochs, cost=cost)
     inputs = [checkpoint, stats_path, data, profile_path, train_data]
     check_output(output, inputs, force)
+    if threads is not None and not measure_latency:
+        raise RankcutError("--threads fixes the threads of --measure-latency's timing; add --measure-latency")
     if latency is not None and profile_path is None:
         raise RankcutError(f"--latency needs --profile P.json (make one with: rankcut profile {checkpoint} -o P.json)")
     if config.trains and train_data is None:

@@ -10,7 +10,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pytest
-from builders import hand_profile, logits_of
+from builders import digits_npz, hand_profile, logits_of
 from cli_helpers import run
 from safetensors import safe_open
 
@@ -322,9 +322,11 @@ def test_a_rerun_recomputes_only_what_the_new_options_change(tmp_path, mnist_ckp
 
 
 def test_latency_budget_points_are_what_project_with_the_profile_gives(tmp_path, mnist_ckpt, run_cli):
+    """A --latency point is project --latency --profile, and a --keep point is project --keep --profile (conv2
+    at rank 48 is timed slower than the layer, so it stays whole): the kept files bit for bit."""
     profile = hand_profile(mnist_ckpt, tmp_path)
-    data = run_cli(["sweep", mnist_ckpt, "--data", DATA, "--methods", "svd", *CONV2, "--latency", "0.6", "--keep", "0.75",
-                    "--profile", profile, "--keep-dir", tmp_path / "kept", *CPU, "-o", tmp_path / "sw.json",
+    data = run_cli(["sweep", mnist_ckpt, "--data", DATA, "--methods", "svd", *CONV2, "--latency", "0.6", "--keep",
+                    "0.75", "--profile", profile, "--keep-dir", tmp_path / "kept", *CPU, "-o", tmp_path / "sw.json",
                     "--json"]).data
     assert [(p["kind"], p["fraction"]) for p in data["points"]] == [("keep", 0.75), ("latency", 0.6)]
     for i, (p, how) in enumerate(zip(data["points"], (["--keep", "0.75"], ["--latency", "0.6"]))):
@@ -375,6 +377,8 @@ def test_measured_latency_is_recorded_and_can_be_the_cost(tmp_path, mnist_ckpt, 
     (["--keep", "0.5", "--refit-samples", "8"], "--refit-samples is a positive number of samples for --refit"),
     (["--keep", "0.5", "--finetune-epochs", "-1"], "--finetune-epochs must be 0 or more"),
     (["--keep", "0.5", "--plot", "f.htm"], "--plot writes .png, .svg or .html"),
+    (["--keep", "0.5", "--threads", "1"], "add --measure-latency"),
+    (["--keep", "0.5", "--measure-latency", "--threads", "0"], "--threads must be at least 1"),
 ])
 def test_sweep_refusals_of_the_new_options(tmp_path, mnist_ckpt, run_cli, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -383,6 +387,16 @@ def test_sweep_refusals_of_the_new_options(tmp_path, mnist_ckpt, run_cli, monkey
                      fails=True)
     assert message in result.message
     assert not (tmp_path / "sw.json").exists()
+
+
+def test_refit_takes_unlabelled_training_data_and_finetuning_refuses_it(tmp_path, mnist_ckpt, run_cli):
+    train = digits_npz(tmp_path / "unlabelled.npz", 16, labels=False)
+    args = ["sweep", mnist_ckpt, "--data", DATA, "--methods", "svd", *CONV2, "--keep", "0.5", "--train-data", train,
+            *CPU, "-o", tmp_path / "sw.json"]
+    assert run_cli([*args, "--refit", "--json"]).data["points"][0]["refit"]["samples"] == 16
+    message = run_cli([*args, "--finetune-epochs", "1"], fails=True).message
+    assert message == ("error: the training data has unlabelled samples; --finetune-epochs trains on labels "
+                       "(--refit alone needs none)")
 
 
 def test_html_plot_is_one_valid_self_contained_page(tmp_path, mnist_ckpt, run_cli):
@@ -431,7 +445,8 @@ def test_info_marks_the_chosen_ranks_on_the_spectra(tmp_path, mnist_ckpt, run_cl
     other = tmp_path / "other.safetensors"
     run_cli(["project", mnist_ckpt, "--method", "svd", "--keep", "0.25", "-o", other, "-q"])
     for checkpoint in (other, mnist_ckpt):
-        message = run_cli(["info", stats, "--plot", tmp_path / "s2.png", "--checkpoint", checkpoint], fails=True).message
+        message = run_cli(["info", stats, "--plot", tmp_path / "s2.png", "--checkpoint", checkpoint],
+                          fails=True).message
         assert "was not projected with" in message
     assert not (tmp_path / "s2.png").exists()
     assert "give S.npz and --plot" in run_cli(["info", stats, "--checkpoint", projected], fails=True).message
