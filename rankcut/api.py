@@ -585,7 +585,7 @@ def sweep_layers(model: nn.Module, contract: InputContract, stats: StatsFile | N
 
 
 def check_sweep_inputs(stats: StatsFile | None, config: SweepConfig, train_set: Dataset | None,
-                       profile: Profile | None) -> None:
+                       refit_set: Dataset | None, profile: Profile | None) -> None:
     """Refuse, before any work, inputs that lack what one of the swept points needs."""
     if "pair" in config.structures:
         for name in dict.fromkeys(config.methods):
@@ -601,19 +601,22 @@ def check_sweep_inputs(stats: StatsFile | None, config: SweepConfig, train_set: 
     if profile is None and any(kind == "latency" for kind, _ in config.budgets):
         raise RankcutError("--latency budgets need --profile P.json (make one with: rankcut profile CHECKPOINT "
                            "-o P.json)")
-    if config.trains and train_set is None:
+    if (config.finetune_epochs and train_set is None) or (config.refit and refit_set is None):
         raise RankcutError("--refit and --finetune-epochs need --train-data T (the data to refit and train on; "
                            "never the evaluation data)")
 
 
 def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, dataset: Dataset, classes: int,
-          config: SweepConfig, *, train_set: Dataset | None = None, profile: Profile | None = None,
+          config: SweepConfig, *, train_set: Dataset | None = None, refit_set: Dataset | None = None,
+          profile: Profile | None = None,
           cache: SweepCache | None = None, where: str = "the statistics", ctx: dist.Context | None = None,
           progress=None, on_point: Callable[[dict, nn.Module, object, dict], None] | None = None) -> dict:
     """Project a copy of ``model`` (left as it is) at every point of ``config`` and evaluate it against ``model``.
 
     ``model`` is on the CPU, as ``project`` loads it; each copy is evaluated on ``ctx.device``. ``train_set``:
-    the data points are refitted and fine-tuned on, when ``config`` asks. ``profile``: a latency profile of
+    the data points are fine-tuned on, and refitted on unless ``refit_set`` is given (``rankcut sweep`` opens the
+    training data with training transforms for the one and evaluation transforms for the other, as ``finetune``
+    and ``refit`` do), when ``config`` asks. ``profile``: a latency profile of
     ``model``, given to every pair point as ``project`` takes it (needed by latency budgets). ``cache``: the
     points of an earlier sweep from the same inputs and options are reused by key, and the file is rewritten
     after every new point (``run.sweepcache``). ``on_point(point, model, project_result, original)`` is
@@ -621,13 +624,14 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
     ``computed`` and ``reused`` counts (and ``inputs``, the fingerprint, with a cache). ``dataset`` must be
     labelled (top-1 orders the points).
     """
-    check_sweep_inputs(stats, config, train_set, profile)
+    refit_set = train_set if refit_set is None else refit_set
+    check_sweep_inputs(stats, config, train_set, refit_set, profile)
     _check_labels(dataset, classes, "the sweep's data", "a sweep orders its points by top-1 and needs labelled data")
     if config.finetune_epochs:
         _check_labels(train_set, classes, "the training data", "--finetune-epochs trains on labels (--refit alone "
                       "needs none)")
-    elif config.refit:
-        _check_labels(train_set, classes, "the training data")
+    if config.refit:
+        _check_labels(refit_set, classes, "the refit data")
     ctx = ctx or dist.Context(0, 1, next(model.parameters()).device)
     fingerprint = {**(cache.inputs if cache else {}), **config.fingerprint(), "device": ctx.device.type}
     known = (cache.read(fingerprint) if cache else None) or {}
@@ -650,8 +654,8 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
         result = project(small, contract, stats, project_config, where,
                          profile=profile if structure == "pair" else None)
         small.to(ctx.device)
-        steps, history = _after_project(small, reference, contract, dataset, train_set, classes, config, ctx,
-                                        progress)
+        steps, history = _after_project(small, reference, contract, dataset, (refit_set, train_set), classes,
+                                        config, ctx, progress)
         figures = evaluate([small], contract, dataset, classes, config.eval, reference=reference, ctx=ctx,
                            progress=progress)[0]
         ref = figures["reference"]
@@ -710,11 +714,13 @@ def _history(result: ProjectResult | PruneResult, steps: list[tuple[str, dict]],
 
 
 def _after_project(small: nn.Module, reference: nn.Module, contract: InputContract, dataset: Dataset,
-                   train_set: Dataset | None, classes: int, config: SweepConfig, ctx: dist.Context,
-                   progress) -> tuple[dict, list[tuple[str, dict]]]:
-    """Refit and fine-tune a projected point as ``config`` asks; per step, what it did and the top-1 before it
-    (on the sweep's data), and the history entries a kept checkpoint records."""
+                   training: tuple[Dataset | None, Dataset | None], classes: int, config: SweepConfig,
+                   ctx: dist.Context, progress) -> tuple[dict, list[tuple[str, dict]]]:
+    """Refit and fine-tune a projected point as ``config`` asks, on ``training`` (the refit data, the training
+    data); per step, what it did and the top-1 before it (on the sweep's data), and the history entries a kept
+    checkpoint records."""
     steps, history = {}, []
+    refit_data, train_set = training
 
     def top1() -> float:
         return evaluate_many([small], dataset, classes, device=ctx.device, batch_size=config.eval.batch_size,
@@ -722,7 +728,7 @@ def _after_project(small: nn.Module, reference: nn.Module, contract: InputContra
 
     if config.refit:
         before = top1()
-        refit_set = subset(train_set, config.refit_samples, config.seed)
+        refit_set = subset(refit_data, config.refit_samples, config.seed)
         done = refit(small, reference, contract, refit_set, RefitConfig(batch_size=config.eval.batch_size,
                                                                         workers=config.eval.workers),
                      ctx=ctx, progress=progress)

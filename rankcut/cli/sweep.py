@@ -158,10 +158,13 @@ def sweep(
     classes = output_classes(model, meta.input)
     dataset = subset(open_data(data, meta.input, train=False, num_classes=classes, seed=seed, classes=meta.classes),
                      samples, seed)
-    train_set = None
-    if config.trains:
-        train_set = open_data(train_data, meta.input, train=True, num_classes=classes, seed=seed,
-                              classes=meta.classes)
+
+    def training_data(train: bool, wanted: bool):
+        """--train-data as finetune (train=True: training transforms) or refit (evaluation transforms) opens it."""
+        return open_data(train_data, meta.input, train=train, num_classes=classes, seed=seed,
+                         classes=meta.classes) if wanted else None
+
+    train_set, refit_set = training_data(True, config.finetune_epochs > 0), training_data(False, config.refit)
     head = {"version": JSON_VERSION, "checkpoint": checkpoint, "stats": stats_path, "data": data,
             **({"profile": profile_path} if profile_path else {}), **({"train_data": train_data} if train_data else {}),
             "plot": plot}
@@ -169,8 +172,9 @@ def sweep(
                                            train_data=train_data if config.trains else None),
                        keep_dir=keep_dir, meta=meta, head=head)
     with report.progress() as progress:
-        result = run_sweep(model, meta.input, stats, dataset, classes, config, train_set=train_set, profile=timing,
-                           cache=cache, where=stats_path or "the statistics", ctx=ctx, progress=progress)
+        result = run_sweep(model, meta.input, stats, dataset, classes, config, train_set=train_set,
+                           refit_set=refit_set, profile=timing, cache=cache, where=stats_path or "the statistics",
+                           ctx=ctx, progress=progress)
     if plot is not None:
         from rankcut.cli.plots import frontier_plot
 

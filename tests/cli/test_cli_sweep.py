@@ -358,6 +358,7 @@ def test_measured_latency_is_recorded_and_can_be_the_cost(tmp_path, mnist_ckpt, 
     assert data["recommendation"]["ratios"]["latency"] == min(latency)  # --within 100: every point fits
     figure = frontier_figure(data)
     macs_axes, latency_axes = figure.axes
+    assert macs_axes.get_xlabel() == "MACs, fraction of the original"
     assert latency_axes.get_xlabel() == "measured latency, ratio to the original"
     drawn = sorted(x for line in latency_axes.get_lines() if line.get_marker() == "o" for x in line.get_xdata())
     assert drawn == sorted(latency)
