@@ -290,13 +290,13 @@ def test_allocate_explains_an_unreachable_or_unspent_budget():
         "(a to rank 2) costs 4,000 macs")
 
 
-def test_allocate_spends_the_slack_on_the_best_upgrade_per_unit_cost():
-    """The Lagrangian stops on the hull; the fix-up then takes the upgrade that buys the most loss per cost."""
+def test_allocate_walks_down_the_menus_as_the_budget_shrinks():
+    """A hand-made pair of menus with one best answer per budget (no ties to break)."""
     a = menu("a", [10, 20, 30], [1.0, 0.5, 0.0])
-    b = menu("b", [10, 40], [1.0, 0.0])
-    assert allocate([a, b], "macs", 50, 0)[0] == {"a": 2, "b": 0}   # 1.0 + 0 beats 0.5 + ... at 50: a whole, b rank 1
-    assert allocate([a, b], "macs", 60, 0)[0] == {"a": 1, "b": 1}
-    assert allocate([a, b], "macs", 70, 0)[0] == {"a": 2, "b": 1}
+    b = menu("b", [10, 40], [1.0, 0.2])
+    assert allocate([a, b], "macs", 50, 0)[0] == {"a": 2, "b": 0}  # loss 1.0; a rank 1 with b whole: 1.2
+    assert allocate([a, b], "macs", 60, 0)[0] == {"a": 1, "b": 1}  # loss 0.7
+    assert allocate([a, b], "macs", 70, 0)[0] == {"a": 2, "b": 1}  # loss 0.2: everything as it is
 
 
 def test_ranks_from_keep_rounds_half_up_and_keeps_at_least_one():
