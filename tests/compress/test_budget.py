@@ -323,10 +323,21 @@ def test_plan_budget_reports_what_it_chose():
     assert plan.total == plan.fixed + sum(plan.chosen(t.name)["params"] for t in targets) <= plan.budget
     assert plan.loss == pytest.approx(sum(plan.chosen(t.name)["loss"] for t in targets))
     assert plan.ranks == {t.name: plan.chosen(t.name)["rank"] for t in targets}
+    for o in plan.layers:
+        i = plan.choice[o.name]
+        assert plan.chosen(o.name) == {"rank": int(o.ranks[i]), "loss": float(o.loss[i]), "macs": int(o.macs[i]),
+                                       "params": int(o.params[i])}
     assert sorted(plan.bases) == sorted(t.name for t in targets)
     whole = plan_budget(model, targets, stats, "pca", "params", 1.0, total, per,
                         adjust=lambda o: LayerOptions(o.name, o.ranks[-1:], o.macs[-1:], o.params[-1:], o.loss[-1:]))
     assert whole.ranks == {"0": 24, "3": 32} and whole.total == total and whole.loss == 0
+    for s in stats.values():  # the method's options reach its bases: fisher's damping scales its loss here
+        s.grad = {"grad_count": torch.tensor(1.0, dtype=torch.float64), "grad_m2": torch.eye(s.channels, dtype=torch.float64),
+                  "hessian": torch.eye(s.channels, dtype=torch.float64)}
+    damped = plan_budget(model, targets, stats, "fisher", "params", 0.5, total, per, options={"damping": 0.5})
+    for t in targets:
+        want = target_basis(model, t, stats[t.name], "fisher", {"damping": 0.5}).loss
+        torch.testing.assert_close(damped.bases[t.name].loss, want, rtol=1e-12, atol=0)
     with pytest.raises(RankcutError, match=r"^--method random predicts no loss, so it cannot share a budget: use "
                        r"--keep, or a method with a predicted loss \(pca, hessian, fisher, svd, l1\)$"):
         plan_budget(model, targets, stats, "random", "params", 0.5, total, per)
