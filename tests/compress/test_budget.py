@@ -299,6 +299,18 @@ def test_allocate_walks_down_the_menus_as_the_budget_shrinks():
     assert allocate([a, b], "macs", 70, 0)[0] == {"a": 2, "b": 1}  # loss 0.2: everything as it is
 
 
+def test_allocate_reads_the_cost_column_its_budget_names():
+    """MACs, parameters and measured latency are separate columns; each kind of budget reads its own."""
+    def layer(latency):
+        return LayerOptions("a", np.array([1, 2]), np.array([10, 40]), np.array([40, 10]), np.array([1.0, 0.0]),
+                            np.array(latency))
+
+    assert allocate([layer([25, 30])], "macs", 30, 0)[0] == {"a": 0}
+    assert allocate([layer([25, 30])], "params", 30, 0)[0] == {"a": 1}
+    assert allocate([layer([25, 30])], "latency", 30, 0)[0] == {"a": 1}
+    assert allocate([layer([25, 35])], "latency", 30, 0)[0] == {"a": 0}
+
+
 def test_ranks_from_keep_rounds_half_up_and_keeps_at_least_one():
     model, contract = two_layer_model()
     assert ranks_from_keep(model, ["0", "2"], 10.5 / 32) == {"0": 11, "2": 11}  # round() would give 10
