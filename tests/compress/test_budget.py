@@ -297,6 +297,9 @@ def test_allocate_walks_down_the_menus_as_the_budget_shrinks():
     assert allocate([a, b], "macs", 50, 0)[0] == {"a": 2, "b": 0}  # loss 1.0; a rank 1 with b whole: 1.2
     assert allocate([a, b], "macs", 60, 0)[0] == {"a": 1, "b": 1}  # loss 0.7
     assert allocate([a, b], "macs", 70, 0)[0] == {"a": 2, "b": 1}  # loss 0.2: everything as it is
+    # Equal loss 1 either way: the total nearer the budget wins (35, from the knapsack; the Lagrangian stops at 30).
+    assert allocate([menu("a", [10, 25], [1.0, 0.0]), menu("b", [10, 20], [1.0, 0.0])], "macs", 35, 0)[0] == {
+        "a": 1, "b": 0}
 
 
 def test_allocate_reads_the_cost_column_its_budget_names():
