@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankcut.compress.budget import (LayerOptions, _frontier, allocate, comparable_loss, layer_options, plan_budget,
+from rankcut.compress.budget import (LayerOptions, _frontier, _lagrangian, allocate, comparable_loss, layer_options, plan_budget,
                                      ranks_from_keep)
 from rankcut.compress.methods import target_basis
 from rankcut.compress.project import project_model
@@ -300,6 +300,16 @@ def test_allocate_walks_down_the_menus_as_the_budget_shrinks():
     # Equal loss 1 either way: the total nearer the budget wins (35, from the knapsack; the Lagrangian stops at 30).
     assert allocate([menu("a", [10, 25], [1.0, 0.0]), menu("b", [10, 20], [1.0, 0.0])], "macs", 35, 0)[0] == {
         "a": 1, "b": 0}
+
+
+def test_lagrangian_walks_down_the_hulls_from_the_least_lossy_options():
+    """The Lagrangian solver alone (in ``allocate`` the knapsack and the fix-up would hide its mistakes)."""
+    a = menu("a", [10, 20, 30], [1.0, 0.5, 0.0])  # collinear: its hull is the two ends
+    b = menu("b", [10, 40], [1.0, 0.2])
+    costs = [a.macs, b.macs]
+    assert _lagrangian([a, b], costs, 70) == [2, 1]  # room for everything: lambda = 0
+    assert _lagrangian([a, b], costs, 60) == [2, 0]  # b's segment is the cheaper loss per unit cost saved
+    assert _lagrangian([a, b], costs, 30) == [0, 0]
 
 
 def test_allocate_reads_the_cost_column_its_budget_names():
