@@ -10,8 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from rankcut.compress.budget import (LayerOptions, _frontier, _lagrangian, allocate, comparable_loss, layer_options, plan_budget,
-                                     ranks_from_keep)
+from rankcut.compress.budget import (
+    LayerOptions,
+    _frontier,
+    _lagrangian,
+    allocate,
+    comparable_loss,
+    layer_options,
+    plan_budget,
+    ranks_from_keep,
+)
 from rankcut.compress.methods import target_basis
 from rankcut.compress.project import project_model
 from rankcut.errors import RankcutError
@@ -23,7 +31,6 @@ from rankcut.model.edits import get_module
 from rankcut.model.layers import LowRank, current_rank, out_width
 from rankcut.model.targets import select
 from rankcut.stats.collect import Moments
-
 
 SMALL = InputContract((3, 64, 64), archs.IMAGENET_MEAN, archs.IMAGENET_STD)
 

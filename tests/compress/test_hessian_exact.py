@@ -24,7 +24,12 @@ from torch.autograd.functional import hessian, jacobian
 import rankcut.stats.collect as collect_module
 from rankcut.compress.methods import METHODS
 from rankcut.model.targets import Target
-from rankcut.stats.collect import collect_gradients, collect_moments, draw_probes, probe_generator
+from rankcut.stats.collect import (
+    collect_gradients,
+    collect_moments,
+    draw_probes,
+    probe_generator,
+)
 from rankcut.stats.moments import LayerStats
 
 CLASSES = 5
@@ -75,7 +80,7 @@ def exact_pieces(model, x, loss):
     for zn, ln in zip(z, logits):
         jac = jacobian(lambda zz: head(zz[None])[0], zn).flatten(2)  # (logits, C, positions)
         s = jac @ (zn.flatten(1) - mu[:, None]).T
-        m = hessian(lambda l: output_loss(loss, ln, l), ln) / 2
+        m = hessian(lambda l, ln=ln: output_loss(loss, ln, l), ln) / 2
         pieces.append(((s + s.transpose(1, 2)) / 2, m))
     return z, mu, pieces
 
