@@ -317,6 +317,17 @@ def test_lagrangian_walks_down_the_hulls_from_the_least_lossy_options():
     assert _lagrangian([a, b], costs, 70) == [2, 1]  # room for everything: lambda = 0
     assert _lagrangian([a, b], costs, 60) == [2, 0]  # b's segment is the cheaper loss per unit cost saved
     assert _lagrangian([a, b], costs, 30) == [0, 0]
+    # The cheaper loss per unit cost saved goes first: a difference of losses over a difference of costs.
+    a, b = menu("a", [10, 30], [1.0, 0.0]), menu("b", [10, 20], [1.0, 0.9])  # slopes 0.05 and 0.01
+    assert _lagrangian([a, b], [a.macs, b.macs], 40) == [1, 0]
+    a, b = menu("a", [1000, 1100], [1.0, 0.0]), menu("b", [1, 2], [1.0, 0.995])  # slopes 0.01 and 0.005
+    assert _lagrangian([a, b], [a.macs, b.macs], 1101) == [1, 0]
+    # Hulls of three vertices walk one step at a time; a one-option layer never moves.
+    a, b, c = menu("a", [10, 20, 40], [1.0, 0.4, 0.0]), menu("b", [10, 30], [1.0, 0.5]), menu("c", [5], [0.0])
+    layers = [a, b, c]
+    assert _lagrangian(layers, [o.macs for o in layers], 65) == [1, 1, 0]  # a's 0.02 first, then b's 0.025
+    assert _lagrangian(layers, [o.macs for o in layers], 55) == [1, 1, 0]
+    assert _lagrangian(layers, [o.macs for o in layers], 35) == [1, 0, 0]
 
 
 def test_allocate_reads_the_cost_column_its_budget_names():
