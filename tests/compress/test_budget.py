@@ -247,23 +247,27 @@ def test_frontier_is_the_lower_convex_hull_without_dominated_or_collinear_points
     assert _frontier(np.array([4, 4]), np.array([1.0, 0.5])) == [1]  # same cost: the less lossy one
 
 
-def test_allocate_matches_brute_force_on_random_menus():
-    """Three layers with non-convex menus (options off the hull), many budgets: the least summed loss that fits."""
-    seed = 0
+@pytest.mark.parametrize("unit", [1, 7, 7 * 1009])
+def test_allocate_matches_brute_force_on_random_menus(unit):
+    """Three layers with non-convex menus (options off the hull), many budgets: the least summed loss that fits.
+
+    Costs are multiples of ``unit``: 1 (steps of 1 happen), 7, and 7063, where the slack is past the knapsack's
+    16384 cells and only counting in the costs' common divisor keeps it exact."""
+    seed = unit
     rng = np.random.default_rng(seed)
     for trial in range(25):
         layers = []
         for i in range(3):
             n = int(rng.integers(2, 6))
-            costs = np.sort(rng.choice(np.arange(1, 60), n, replace=False)) * 7
+            costs = np.sort(rng.choice(np.arange(1, 60), n, replace=False)) * unit
             losses = np.sort(rng.random(n))[::-1].copy()
             losses[-1] = 0.0
             layers.append(menu(f"l{i}", costs, losses))
-        fixed = int(rng.integers(0, 100))
+        fixed = int(rng.integers(0, 100)) * unit
         combos = list(itertools.product(*[range(len(o.ranks)) for o in layers]))
         total = {c: fixed + sum(int(o.macs[j]) for o, j in zip(layers, c)) for c in combos}
         loss = {c: sum(float(o.loss[j]) for o, j in zip(layers, c)) for c in combos}
-        for budget in np.linspace(min(total.values()), max(total.values()) + 50, 9).astype(int):
+        for budget in np.linspace(min(total.values()), max(total.values()) + 50 * unit, 9).astype(np.int64):
             best = min(loss[c] for c in combos if total[c] <= budget)
             choice, note = allocate(layers, "macs", int(budget), fixed)
             got = tuple(choice[o.name] for o in layers)
