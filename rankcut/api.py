@@ -39,7 +39,7 @@ from rankcut.model.edits import Edit, get_module
 from rankcut.model.graph import check_structure, find_chains, select_chains
 from rankcut.model.layers import LowRank, current_rank, max_rank
 from rankcut.model.targets import Target, match, select, trace, untargeted, warn_output_layer
-from rankcut.run.data import UNLABELED, loader, shard, subset
+from rankcut.run.data import UNLABELED, loader, shard, shard_indices, subset
 from rankcut.run.evaluate import check_dataset_labels, evaluate_many, known_labels
 from rankcut.run.frontier import KINDS, label, point_key, summarize
 from rankcut.run.latency import RUNTIMES, compare_runtime
@@ -119,7 +119,8 @@ def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, c
     gradients = {}
     if config.grad is not None:
         gradients = collect_gradients(model, targets, batches, moments, config.grad, config.probes, config.seed,
-                                      ctx, stage(f"gradients ({config.grad})"))
+                                      ctx, stage(f"gradients ({config.grad})"),
+                                      shard_indices(len(dataset), ctx.rank, ctx.world))
     layers = {t.name: LayerStats(t, moments[t.name], gradients.get(t.name, {})) for t in targets}
     extra = {**(info or {}), "seed": config.seed, **({"probes": config.probes} if config.grad else {}),
              "not_targets": untargeted(model, contract)}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from builders import logits_of
 from cli_helpers import invoke, run
 
@@ -61,3 +62,14 @@ def _plain_environment(monkeypatch):
     """Tests see rankcut as a new user does: no debug tracebacks, no trusted user packages."""
     monkeypatch.delenv("RANKCUT_DEBUG", raising=False)
     monkeypatch.delenv("RANKCUT_TRUST", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread in every test, restored after: float results (and so the thresholds on them) do not
+    depend on the machine's core count, and on a busy 2-core machine one thread is faster than two (a 512 x 512
+    eigh, a probe pass)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -344,9 +344,14 @@ def subset(dataset: Dataset, samples: int | None, seed: int) -> Dataset:
     return Subset(dataset, sorted(order.tolist()))
 
 
+def shard_indices(size: int, rank: int, world: int) -> range:
+    """The indices, in the whole data of ``size`` items, of the items in process ``rank``'s shard, in order."""
+    return range(rank, size, world)
+
+
 def shard(dataset: Dataset, rank: int, world: int) -> Dataset:
     """Every ``world``-th item starting at ``rank``: disjoint shards that together cover the data once."""
-    return dataset if world == 1 else Subset(dataset, list(range(rank, len(dataset), world)))
+    return dataset if world == 1 else Subset(dataset, list(shard_indices(len(dataset), rank, world)))
 
 
 def loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: bool = False, seed: int = 0,

@@ -6,9 +6,11 @@ and ``probes`` backward passes per batch more. Memory does not grow with the dat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,19 +72,34 @@ def _empty_like(model: nn.Module, target: Target) -> Moments:
 LOSSES = ("kl", "mse")
 
 
-def draw_probe(logits: torch.Tensor, loss: str, generator: torch.Generator) -> torch.Tensor:
-    """A random vector r in output space with E[r r^T] = the output-space Hessian of the loss.
+def probe_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of sample ``index``'s probes: the same wherever the sample lands (process, batch).
 
-    ``mse``: Gaussian, scaled so the result is the mean squared error per output. ``kl``:
-    ``(onehot(y) - softmax) / sqrt(2)`` with y drawn from the model's own softmax (no labels needed),
-    so the result is the KL divergence to second order.
+    A CPU generator uses only the low 32 bits of its seed, so ``(seed, index)`` is hashed into them
+    rather than packed side by side.
     """
+    state = np.random.SeedSequence([seed % 2 ** 64, index]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def draw_probes(logits: torch.Tensor, loss: str, generators: list[torch.Generator]) -> torch.Tensor:
+    """One random vector per sample in output space, row i drawn from ``generators[i]``.
+
+    E[r r^T] is half the output-space Hessian of the loss, so ``d' E[r r^T] d`` is the loss's second-order
+    change for an output change d. ``mse``: Gaussian over the square root of the outputs per sample (the loss
+    is the mean squared error per output). ``kl``: ``(onehot(y) - softmax) / sqrt(2)`` with y drawn from the
+    model's own softmax (no labels needed; the loss is the KL divergence from the original outputs). Drawn on
+    the CPU, so the probes do not depend on the device either.
+    """
+    rows = logits.detach().float().cpu()
     if loss == "mse":
-        r = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-        return r / logits[0].numel() ** 0.5
-    p = torch.softmax(logits.float(), dim=-1)
-    y = torch.multinomial(p, 1, generator=generator)
-    return ((torch.zeros_like(p).scatter_(1, y, 1.0) - p) / 2 ** 0.5).to(logits.dtype)
+        r = torch.stack([torch.randn(row.shape, generator=g) for row, g in zip(rows, generators)])
+        r = r / rows[0].numel() ** 0.5
+    else:
+        p = torch.softmax(rows, dim=-1)
+        y = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(p, generators)])
+        r = (torch.zeros_like(p).scatter_(1, y, 1.0) - p) / 2 ** 0.5
+    return r.to(logits.device, logits.dtype)
 
 
 @contextmanager
@@ -99,10 +116,14 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 def collect_gradients(model: nn.Module, targets: list[Target], batches, moments: dict[str, Moments], loss: str,
-                      probes: int, seed: int, ctx: Context, advance=lambda: None) -> dict[str, dict[str, torch.Tensor]]:
+                      probes: int, seed: int, ctx: Context, advance=lambda: None,
+                      indices: Sequence[int] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Second-order probe statistics of every target, one forward and ``probes`` backward passes per batch.
 
-    ``moments`` (from a forward-only pass first) give the means used for centring.
+    ``moments`` (from a forward-only pass first) give the means used for centring. ``indices``: the index
+    in the whole data of each sample ``batches`` yields, in order (default 0, 1, 2, ...); each sample's
+    probes are drawn from ``probe_generator(seed, index)``, so the statistics are the same whatever the
+    batch size and however many processes share the data.
     """
     if loss not in LOSSES:
         raise RankcutError(f"--grad must be one of {', '.join(LOSSES)}, got {loss!r}")
@@ -118,15 +139,16 @@ def collect_gradients(model: nn.Module, targets: list[Target], batches, moments:
         captured[layer] = out
         return out.clone()  # what follows may work in place (ReLU(inplace=True)); keep ``out`` as it was
 
-    generator = torch.Generator(device=ctx.device).manual_seed(seed * 1000 + ctx.rank)
+    positions = iter(indices if indices is not None else itertools.count())
     model.eval()
     with hooks(model, {t.name: t.capture for t in targets}, capture), frozen(model), torch.enable_grad():
         for x, _ in batches:
+            generators = [probe_generator(seed, next(positions)) for _ in range(len(x))]
             captured.clear()
             logits = model(x.to(ctx.device, non_blocking=True))
             layers = list(captured)
             for probe in range(probes):
-                r = draw_probe(logits.detach(), loss, generator)
+                r = draw_probes(logits, loss, generators)
                 grads = torch.autograd.grad(logits, [captured[n] for n in layers], grad_outputs=r,
                                             retain_graph=probe < probes - 1, allow_unused=True)
                 for name, g in zip(layers, grads):

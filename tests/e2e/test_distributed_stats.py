@@ -1,4 +1,4 @@
-"""``torchrun --nproc_per_node 2 rankcut stats`` (gloo, CPU) equals the single-process statistics."""
+"""``torchrun --nproc_per_node 2 rankcut stats`` (gloo, CPU) equals the single-process statistics, --grad too."""
 
 from __future__ import annotations
 
@@ -14,21 +14,32 @@ from cli_helpers import launch
 pytestmark = pytest.mark.timeout(600)  # each test starts a few torchrun jobs (each limited to 300 s)
 
 
-@pytest.mark.slow
-def test_two_process_stats_equal_single_process(tmp_path):
-    ckpt = tmp_path / "base.safetensors"
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    ckpt = root / "base.safetensors"
     assert launch("init", "--arch", "rankcut:small-resnet", "-o", ckpt).returncode == 0
     g = torch.Generator().manual_seed(0)
     # 37 samples: neither the two shards nor the batches divide evenly.
-    np.savez(tmp_path / "data.npz", x=torch.rand(37, 1, 28, 28, generator=g).numpy())
+    np.savez(root / "data.npz", x=torch.rand(37, 1, 28, 28, generator=g).numpy())
+    return ckpt, root / "data.npz"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad", ["kl", "mse"])
+def test_two_process_stats_equal_single_process(tmp_path, model_and_data, grad):
+    """Moments and gradient statistics: each sample's probes are drawn from its index in the data, not per process."""
+    ckpt, data = model_and_data
     single, double = tmp_path / "one.npz", tmp_path / "two.npz"
-    r = launch("stats", ckpt, "--data", tmp_path / "data.npz", "-b", "5", "--device", "cpu", "-o", single)
+    args = ("stats", ckpt, "--data", data, "-b", "5", "--grad", grad, "--device", "cpu")
+    r = launch(*args, "-o", single)
     assert r.returncode == 0, r.stderr
-    r = launch("stats", ckpt, "--data", tmp_path / "data.npz", "-b", "5", "--device", "cpu", "-o", double, nproc=2)
+    r = launch(*args, "-o", double, nproc=2)
     assert r.returncode == 0, r.stderr
     a, b = read_npz(single), read_npz(double)
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and "stem/hessian" in a
     assert a["stem/count"] == b["stem/count"] == 37 * 28 * 28
+    assert a["stem/grad_count"] == b["stem/grad_count"] == 37
     for key in a:
         if key == "__meta__":
             continue

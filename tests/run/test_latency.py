@@ -29,6 +29,7 @@ def test_twice_the_work_measures_about_twice_the_time():
     layer = nn.Sequential(nn.Flatten(), nn.Linear(1024, 1024))  # 1M MACs per image: dominates call overhead
     once, twice = Repeat(layer, 1), Repeat(layer, 2)
     contract = InputContract((1, 32, 32), (0.0,), (1.0,))
+    torch.set_num_threads(2)  # not the 1 it measures with (conftest pins 1), so restoring is checked
     before = torch.get_num_threads()
     once_fig, twice_fig = compare_models([once, twice], contract, 64, torch.device("cpu"), threads=1, rounds=20,
                                          min_rounds=20)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from builders import CPU
+from builders import CPU, randomize_, small_resnet
 
 from rankcut.model import archs
 from rankcut.model.edits import get_module
 from rankcut.model.targets import select
-from rankcut.stats.collect import collect_gradients, collect_moments
+from rankcut.stats.collect import collect_gradients, collect_moments, probe_generator
 from rankcut.stats.moments import Moments
 
 
@@ -48,9 +49,10 @@ def test_gradient_statistics_survive_inplace_activations():
         return out + captured["eps"]
 
     handle = get_module(model, "layer1.0.bn1").register_forward_hook(add_zero)
-    generator = torch.Generator().manual_seed(0)  # the same probe draw as collect_gradients (seed 0, rank 0)
     logits = model(batches[0][0])
-    r = torch.randn(logits.shape, generator=generator) / logits.shape[1] ** 0.5
+    # the same probe draw as collect_gradients: sample i's from its own generator (seed 0)
+    r = torch.stack([torch.randn(logits.shape[1], generator=probe_generator(0, i)) for i in range(len(logits))])
+    r = r / logits.shape[1] ** 0.5
     (g,) = torch.autograd.grad(logits, [captured["eps"]], grad_outputs=r)
     handle.remove()
     z = (captured["z"] - moments["layer1.0.conv1"].mean.float().view(1, -1, 1, 1)).flatten(2)
@@ -59,3 +61,26 @@ def test_gradient_statistics_survive_inplace_activations():
     torch.testing.assert_close(got["hessian"], (sym @ sym).sum(0).double(), rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(got["grad_m2"], torch.bmm(g.flatten(2), g.flatten(2).transpose(1, 2)).sum(0).double(),
                                rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_gradient_statistics_depend_on_neither_the_batch_size_nor_the_shards(loss):
+    """Each sample's probes come from its index in the data, so neither how the data is batched nor how it is
+    split between processes (interleaved shards, summed as torchrun's all-reduce sums them) changes anything."""
+    model = randomize_(small_resnet(4), scale=0.3)
+    targets = select(model, archs.MNIST)
+    x = torch.rand(13, *archs.MNIST.shape, generator=torch.Generator().manual_seed(0))
+    split = lambda part, size: [(part[i:i + size], None) for i in range(0, len(part), size)]
+    moments = collect_moments(model, targets, split(x, 13), CPU)
+
+    def gradients(part, size, indices=None):
+        return collect_gradients(model, targets, split(part, size), moments, loss, 2, 5, CPU, indices=indices)
+
+    whole, batched = gradients(x, 13), gradients(x, 4)
+    shards = [gradients(x[r::2], 3, range(r, 13, 2)) for r in (0, 1)]
+    for name, arrays in whole.items():
+        for key, want in arrays.items():
+            for how, got in (("batches of 4", batched[name][key]),
+                             ("two shards", shards[0][name][key] + shards[1][name][key])):
+                err = ((got - want).norm() / want.norm()).item()
+                assert err < 1e-6, f"{name}/{key} from {how}: relative difference {err:.2e}"
