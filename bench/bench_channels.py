@@ -12,7 +12,8 @@ rankcut ``--method fisher --macs F`` (pairs), ``--structure channels --macs F`` 
 --method fisher --macs F``. Every model then gets the same 1-epoch fine-tune (``run.train.fit``, what
 ``rankcut finetune`` runs) and is evaluated on mnist5k:test (``run.evaluate``, what ``rankcut eval`` runs).
 Latency: the project's pairwise comparison (``run.latency.compare_models``: the model and the original
-alternate pass by pass, the median of the pairwise ratios), CPU, ``THREADS`` threads, batch 1 and 32.
+alternate pass by pass, the median of the pairwise ratios), CPU, ``--threads`` threads (2 by default; on a
+machine with more runnable threads than cores use 1: see ``bench_channel_latency.py``), batch 1 and 32.
 
 Rows are kept in ``DIR/ARCH/rows.json`` as they are made; a rerun with the same ``--out`` reuses the trained
 model, the statistics and every row already there (``--only`` recomputes nothing, it adds the named labels).
@@ -40,7 +41,6 @@ from rankcut.run.latency import compare_models
 from rankcut.run.train import TrainConfig, fit
 
 BUDGETS = (0.5, 0.25, 0.125, 0.0625)
-THREADS = 2
 TUNE = TrainConfig(epochs=1, lr=1e-3, batch_size=64, seed=0)
 ARCHS = {  # init arguments, training learning rate
     "mnist-cnn": (["--arch", "rankcut:mnist-cnn"], "2e-3"),
@@ -96,11 +96,11 @@ def rankcut_model(label: str, base: Path, stats: Path, fraction: float, out: Pat
     return load_with_meta(path)[0]
 
 
-def measure(model, original, meta, train, test, seconds: float) -> dict:
+def measure(model, original, meta, train, test, seconds: float, threads: int) -> dict:
     """Top-1 before and after the shared fine-tune epoch, MACs, parameters, latency ratios at batch 1 and 32."""
     model = model.to(CPU).eval()
     before = evaluate(model, test, 10, device=CPU, batch_size=500)["top1"]
-    lat = {b: compare_models([original, model], meta.input, b, CPU, threads=THREADS, max_seconds=seconds)[1]["ratio"]
+    lat = {b: compare_models([original, model], meta.input, b, CPU, threads=threads, max_seconds=seconds)[1]["ratio"]
            for b in (1, 32)}
     macs = count_macs(model, meta.input)[0]
     tuned = copy.deepcopy(model)
@@ -117,9 +117,10 @@ def run_arch(arch: str, out: Path, args) -> Table:
     if not (base.exists() and stats.exists()):
         rankcut("init", *init, "--seed", "0", "-o", out / "init.safetensors")
         rankcut("finetune", out / "init.safetensors", "--data", "mnist5k:train", "-o", base, "--epochs", args.epochs,
-                "--lr", lr, "--batch-size", "32", "--seed", "0", "--quiet")
-        rankcut("stats", base, "--data", "mnist5k:train", "--samples", "2000", "--grad", "kl", "--probes", "2",
-                "--structure", "channels", "-o", stats, "--quiet")
+                "--lr", lr, "--batch-size", "32", "--seed", "0", "--quiet",
+                *([] if args.train_samples is None else ["--samples", args.train_samples]))
+        rankcut("stats", base, "--data", "mnist5k:train", "--samples", args.stats_samples, "--grad", "kl", "--probes",
+                "2", "--structure", "channels", "-o", stats, "--quiet")
     original, meta = load_with_meta(base)
     original.eval()
     train = datasets.subset(datasets.open_data("mnist5k:train", meta.input, train=True, num_classes=10, seed=0),
@@ -142,14 +143,14 @@ def run_arch(arch: str, out: Path, args) -> Table:
                 model, ratio = tp_at_budget(original, meta.input, label[3:], fraction, batches)
             else:
                 model, ratio = rankcut_model(label, base, stats, fraction, out, extra), None
-            rows[key] = {**measure(model, original, meta, train, test, args.latency_seconds), "tp_ratio": ratio,
+            rows[key] = {**measure(model, original, meta, train, test, args.latency_seconds, args.threads), "tp_ratio": ratio,
                          "seconds": time.time() - started}
             rows_path.write_text(json.dumps(rows, indent=1))
     table = Table("MACs budget", "model", "MACs", "params", "top-1 pruned", "top-1 +1 epoch", "latency b1",
                   "latency b32", "latency b32 / MACs",
                   title=f"{arch} on mnist5k at {'x'.join(map(str, meta.input.shape))} (trained {args.epochs} epochs: "
                         f"{100 * base_acc:.2f}% test); fine-tune: 1 epoch of {len(train):,} images; latency: "
-                        f"pairwise ratio to the original, {THREADS} threads",
+                        f"pairwise ratio to the original, {args.threads} thread(s)",
                   title_justify="left")
     for fraction in args.budgets:
         for label in [f"{x}{s}" for x in LABELS for s in ("", *ROUNDED) if not s or x in ("channels", "auto")]:
@@ -170,13 +171,16 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     p.add_argument("--epochs", type=int, default=2, help="training epochs of the original")
+    p.add_argument("--train-samples", type=int, help="training images of the original (default: all 4,000)")
+    p.add_argument("--stats-samples", type=int, default=2000, help="images for the statistics")
     p.add_argument("--tune-samples", type=int, help="the fine-tune epoch's training images (default: all 4,000)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for everything, latency included")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="most seconds per latency comparison")
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     p.add_argument("--only", nargs="+", choices=LABELS, help="make only these rows (others already kept are shown)")
     p.add_argument("--round-channels", type=int, help="pass --round-channels N to the channels and auto projections")
     args = p.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="rankcut-bench-channels-"))
     started = time.time()
     for arch in args.archs:

@@ -62,6 +62,7 @@ from rankcut.model.targets import Target
 
 WHOLE, PAIR, CHANNELS = "whole", "pair", "channels"
 METHOD = "fisher"
+MENU = 64  # at most this many sizes per structure and layer: wider layers step by ceil(width / MENU)
 UNITS = "output change (fisher's currency)"
 
 
@@ -116,12 +117,21 @@ class JointCost:
             names += [] if chain is None else [*chain.carried, chain.consumer]
             self.hood[t.name] = list(dict.fromkeys(names))
         self.modules = list(dict.fromkeys(m for names in self.hood.values() for m in names))
+        self.cache: dict[tuple, tuple[int, int]] = {}
 
     def widths(self, state: dict[str, Choice]) -> dict[str, int]:
         return {p: state[p].size if state[p].structure == CHANNELS else c for p, c in self.full.items()}
 
     def module(self, name: str, state: dict[str, Choice], widths: dict[str, int]) -> tuple[int, int]:
-        """(MACs, parameters) of one module in ``state``."""
+        """(MACs, parameters) of one module in ``state`` (cached by what it depends on)."""
+        touch, folder = self.touch.get(name), self.folded_by.get(name)
+        key = (name, state.get(name), folder is not None and state[folder].structure == PAIR,
+               widths.get(touch.out_of) if touch else None, widths.get(self.feeds.get(name) or (touch and touch.in_of)))
+        if key not in self.cache:
+            self.cache[key] = self._module(name, state, widths)
+        return self.cache[key]
+
+    def _module(self, name: str, state: dict[str, Choice], widths: dict[str, int]) -> tuple[int, int]:
         choice = state.get(name)
         if choice is not None and choice.structure == PAIR:
             geo, feeder = self.geometry[name], self.feeds.get(name)
@@ -137,7 +147,11 @@ class JointCost:
 
     def cost(self, names: list[str], state: dict[str, Choice]) -> np.ndarray:
         widths = self.widths(state)
-        return np.sum([self.module(n, state, widths) for n in names], axis=0, dtype=np.int64)
+        macs = params = 0
+        for n in names:
+            m, p = self.module(n, state, widths)
+            macs, params = macs + m, params + p
+        return np.array([macs, params], dtype=np.int64)
 
     def deltas(self, name: str, choices: list[Choice], state: dict[str, Choice]) -> np.ndarray:
         """(options x 2) change of (MACs, parameters) if target ``name`` took each of ``choices``."""
@@ -247,7 +261,9 @@ class Candidates:
 
 def candidates(model: nn.Module, stats: StatsFile, targets: list[Target], chains: list[Chain], refused: dict[str, str],
                options: dict, round_channels: int = 1) -> Candidates:
-    """Every target's options (whole, pair r < rank, channels k < C in steps of ``round_channels``) and losses."""
+    """Every target's options and their losses: whole, pairs of rank r < its rank, and channels k < C (in steps
+    of ``round_channels``); a layer wider than ``MENU`` steps by ``ceil(width / MENU)``, which keeps each greedy
+    step cheap and the number of steps small (resnet18: 512-channel layers step by 8)."""
     get_method(METHOD).check_stats(next(iter(stats.layers.values()), None))
     names = {t.name for t in targets}
     refused, offered = dict(refused), {}
@@ -266,10 +282,12 @@ def candidates(model: nn.Module, stats: StatsFile, targets: list[Target], chains
     for t in targets:
         now = current_rank(get_module(model, t.name))
         pair_loss = comparable_loss(METHOD, bases[t.name])
-        menu = [(Choice(WHOLE, now), 0.0)] + [(Choice(PAIR, r), float(pair_loss[r])) for r in range(1, now)]
+        grain = -(-now // MENU)
+        menu = [(Choice(WHOLE, now), 0.0)] + [(Choice(PAIR, r), float(pair_loss[r])) for r in range(grain, now, grain)]
         if t.name in offered:
             curve, width = selections[t.name].loss, offered[t.name][0].channels
-            menu += [(Choice(CHANNELS, k), float(curve[k])) for k in range(round_channels, width, round_channels)]
+            step = max(round_channels, -(-width // MENU))
+            menu += [(Choice(CHANNELS, k), float(curve[k])) for k in range(step, width, step)]
         menus[t.name] = menu
     return Candidates(targets, offered, selections, bases, menus, refused)
 

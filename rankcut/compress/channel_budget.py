@@ -8,7 +8,8 @@ multiple of its in x out channels); parameters from the shapes. A pruned consume
 
 For a budget each module's cost is charged to one chain (the chain whose consumer it is, else whose
 producer or carried module it is), priced at the other chains' current widths. Widths only shrink, so
-pricing at full widths never undercounts: the first allocation always fits. A few rounds then re-price
+pricing at full widths never undercounts: the first allocation always fits (with coarse ``--round-channels``
+steps it may not; then the fill below starts from every chain at its narrowest width). A few rounds then re-price
 at the chosen widths, the best allocation whose exact total fits is kept, and a greedy fill widens chains
 one channel at a time (exact costs) while the budget allows.
 """
@@ -121,8 +122,6 @@ def plan_widths(model: nn.Module, chains: list[Chain], losses: dict[str, np.ndar
         try:
             choice, _ = allocate(options, kind, budget, fixed)
         except RankcutError:
-            if best is None:
-                raise
             break
         chosen = {o.name: int(o.ranks[choice[o.name]]) for o in options}
         total = fixed + resized_cost(model, chains, chosen, per_layer_macs)[index]
@@ -132,8 +131,12 @@ def plan_widths(model: nn.Module, chains: list[Chain], losses: dict[str, np.ndar
         if chosen == widths:
             break
         widths = chosen
-    if best is None:
-        raise RankcutError(f"no allocation of channels fits the budget of {budget:,} {kind}")
+    if best is None:  # coarse --round-channels steps can defeat the pricing: widen from the narrowest instead
+        narrowest = {c.producer: int(kept_widths(c.channels, step)[0]) for c in chains}
+        total = fixed + resized_cost(model, chains, narrowest, per_layer_macs)[index]
+        if total > budget:
+            raise RankcutError(f"no allocation of channels fits the budget of {budget:,} {kind}")
+        best = (None, narrowest, total)
     return _fill(model, chains, losses, best[1], best[2], fixed, budget, index, per_layer_macs, step)
 
 
