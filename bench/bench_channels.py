@@ -136,7 +136,7 @@ def run_arch(arch: str, out: Path, args) -> Table:
     for fraction in args.budgets:
         for label in args.only or LABELS:
             key = f"{label}{suffix if label in ('channels', 'auto') else ''}@{fraction:g}"
-            if key in rows:
+            if key in rows or args.no_run:
                 continue
             started = time.time()
             if label.startswith("tp-"):
@@ -178,6 +178,7 @@ def main() -> None:
     p.add_argument("--latency-seconds", type=float, default=20.0, help="most seconds per latency comparison")
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     p.add_argument("--only", nargs="+", choices=LABELS, help="make only these rows (others already kept are shown)")
+    p.add_argument("--no-run", action="store_true", help="print the tables from the rows kept so far")
     p.add_argument("--round-channels", type=int, help="pass --round-channels N to the channels and auto projections")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
