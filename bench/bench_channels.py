@@ -139,10 +139,15 @@ def run_arch(arch: str, out: Path, args) -> Table:
             if key in rows or args.no_run:
                 continue
             started = time.time()
-            if label.startswith("tp-"):
-                model, ratio = tp_at_budget(original, meta.input, label[3:], fraction, batches)
-            else:
-                model, ratio = rankcut_model(label, base, stats, fraction, out, extra), None
+            try:
+                if label.startswith("tp-"):
+                    model, ratio = tp_at_budget(original, meta.input, label[3:], fraction, batches)
+                else:
+                    model, ratio = rankcut_model(label, base, stats, fraction, out, extra), None
+            except RuntimeError as e:  # e.g. channels alone cannot reach the budget (resnet18's residual stream)
+                rows[key] = {"error": str(e).rpartition("error: ")[2]}
+                rows_path.write_text(json.dumps(rows, indent=1))
+                continue
             rows[key] = {**measure(model, original, meta, train, test, args.latency_seconds, args.threads), "tp_ratio": ratio,
                          "seconds": time.time() - started}
             rows_path.write_text(json.dumps(rows, indent=1))
@@ -156,6 +161,9 @@ def run_arch(arch: str, out: Path, args) -> Table:
         for label in [f"{x}{s}" for x in LABELS for s in ("", *ROUNDED) if not s or x in ("channels", "auto")]:
             r = rows.get(f"{label}@{fraction:g}")
             if r is None:
+                continue
+            if "error" in r:
+                table.add_row(f"{100 * fraction:.2f}%", f"{TITLES[label.split('-round')[0]]}: {r['error']}")
                 continue
             name = TITLES[label.split("-round")[0]] + ("" if "-round" not in label else f" (--round-channels {label.split('-round')[1]})") + ("" if r["tp_ratio"] is None else f" (ratio {r['tp_ratio']:.3f})")
             ratio = r["macs"] / total
