@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from rankcut import dist
+from rankcut.compress.auto import AutoResult, auto_model
 from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budget, ranks_from_keep
 from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
 from rankcut.compress.project import LayerReport, project_model
@@ -36,7 +37,7 @@ from rankcut.files.statsfile import StatsFile, check_fits
 from rankcut.model.contract import InputContract
 from rankcut.model.cost import count_macs, count_params, target_cost
 from rankcut.model.edits import Edit, get_module
-from rankcut.model.graph import check_structure, find_chains, select_chains
+from rankcut.model.graph import PROJECT_STRUCTURES, check_structure, find_chains, select_chains
 from rankcut.model.layers import LowRank, current_rank, max_rank
 from rankcut.model.targets import Target, match, select, trace, untargeted, warn_output_layer
 from rankcut.run.data import UNLABELED, loader, shard, shard_indices, subset
@@ -155,8 +156,10 @@ class ProjectConfig:
     """How ``project`` rank-reduces: the method, and how much to keep (``keep`` or a ``budget``, not both).
 
     ``damping`` is fisher's option (None: its default); ``seed`` seeds methods that draw (random).
-    ``structure`` is ``pair`` (rank-k pairs, by ``method``) or ``channels`` (channels removed from
-    producer -> consumer chains and the consumer refitted; ``method`` is not used).
+    ``structure`` is ``pair`` (rank-k pairs, by ``method``), ``channels`` (channels removed from
+    producer -> consumer chains and the consumer refitted; ``method`` is not used) or ``auto`` (each layer
+    whole, a fisher pair or channel-pruned, chosen jointly under a budget: ``compress.auto``).
+    ``round_channels``: kept channel counts are multiples of it (``channels`` and ``auto``).
     """
 
     method: str = "pca"
@@ -167,9 +170,10 @@ class ProjectConfig:
     damping: float | None = None
     seed: int = 0
     structure: str = "pair"
+    round_channels: int = 1
 
     def __post_init__(self):
-        check_structure(self.structure)
+        check_structure(self.structure, PROJECT_STRUCTURES)
         method = get_method(self.method)
         if self.keep is None and self.budget is None:
             raise RankcutError("say how much to keep: --keep F, --macs F, --params F or --latency F")
@@ -177,9 +181,19 @@ class ProjectConfig:
             raise RankcutError(f"--keep and --{self.budget.kind} are alternatives: give one")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise RankcutError(f"--keep must be in (0, 1], got {self.keep}")
-        if self.structure == "channels" and self.budget is not None and self.budget.kind == "latency":
-            raise RankcutError("--latency budgets rank-k pairs (the profile times pairs); with --structure channels "
-                               "use --macs or --params")
+        if self.structure != "pair" and self.budget is not None and self.budget.kind == "latency":
+            raise RankcutError(f"--latency budgets rank-k pairs (the profile times pairs); with --structure "
+                               f"{self.structure} use --macs or --params")
+        if self.structure == "auto" and self.budget is None:
+            raise RankcutError("--structure auto chooses each layer's structure under a budget: give --macs F or "
+                               "--params F, not --keep")
+        if self.structure == "auto" and self.method != "fisher":
+            raise RankcutError("--structure auto compares pairs and channels in fisher's currency: use --method "
+                               "fisher (statistics from rankcut stats --grad kl --structure channels)")
+        if not isinstance(self.round_channels, int) or self.round_channels < 1:
+            raise RankcutError(f"--round-channels must be a whole number of at least 1, got {self.round_channels}")
+        if self.round_channels > 1 and self.structure == "pair":
+            raise RankcutError("--round-channels rounds kept channels: it needs --structure channels or auto")
         if self.structure == "pair" and self.budget is not None and method.budget is None:
             raise RankcutError(no_loss(method))
         if self.damping is not None:
@@ -238,7 +252,8 @@ def project_targets(model: nn.Module, contract: InputContract, stats: StatsFile 
 
 
 def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, config: ProjectConfig,
-            where: str = "the statistics", *, profile: Profile | None = None) -> ProjectResult | PruneResult:
+            where: str = "the statistics", *, profile: Profile | None = None
+            ) -> ProjectResult | PruneResult | AutoResult:
     """Rank-reduce ``model`` in place as ``config`` says; ``where`` names the statistics in error messages.
 
     With a latency ``profile`` of this model (``rankcut profile``), no layer becomes a pair the profile measured
@@ -246,15 +261,21 @@ def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, 
     ``structure="channels"`` channels are removed instead (``compress.prune``; statistics from
     ``StatsConfig(structure="channels")``).
     """
-    if config.structure == "channels":
+    if config.structure != "pair":
         if stats is None:
-            raise RankcutError("--structure channels needs --stats (made with: rankcut stats --structure channels)")
+            raise RankcutError(f"--structure {config.structure} needs --stats (made with: rankcut stats --structure "
+                               "channels)")
         if profile is not None:
-            raise RankcutError("--profile times rank-k pairs; it does not apply to --structure channels")
+            raise RankcutError(f"--profile times rank-k pairs; it does not apply to --structure {config.structure}")
         budget = None if config.budget is None else (config.budget.kind, config.budget.fraction)
-        return prune_model(model, contract, stats, keep=config.keep, budget=budget,
-                           layers=list(config.layers or []) or None, exclude=list(config.exclude or []) or None,
-                           where=where)
+        layers, exclude = list(config.layers or []) or None, list(config.exclude or []) or None
+        if config.structure == "auto":
+            targets = project_targets(model, contract, stats, config, where)
+            chains, refused = fitting_chains(model, contract, stats, where, layers, exclude, required=False)
+            return auto_model(model, contract, stats, targets, chains, refused, budget, config.options,
+                              config.round_channels)
+        return prune_model(model, contract, stats, keep=config.keep, budget=budget, layers=layers, exclude=exclude,
+                           where=where, step=config.round_channels)
     method = config.entry
     if stats is None:
         method.check_stats(None)

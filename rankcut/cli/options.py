@@ -34,4 +34,6 @@ Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", callback=_spl
     "Globs over layer names to exclude (comma-separated or repeated)."))]
 Structure = Annotated[str, typer.Option("--structure", help=(
     "pair: rank-k pairs (the default); channels: remove channels of producer -> consumer chains, refitting the "
-    "consumer by least squares (stats --structure channels gathers the statistics it needs)."))]
+    "consumer by least squares (stats --structure channels gathers the statistics it needs); project also takes "
+    "auto: each layer whole, a fisher pair or channel-pruned, chosen jointly under --macs/--params (statistics "
+    "with --grad kl --structure channels)."))]

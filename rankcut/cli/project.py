@@ -10,7 +10,7 @@ from rich.table import Table
 from rankcut.api import Budget, ProjectConfig, project as project_model
 from rankcut.cli.console import Reporter
 from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed, Structure
-from rankcut.cli.tables import channel_table
+from rankcut.cli.tables import auto_table, channel_table
 from rankcut.compress.methods import METHODS
 from rankcut.errors import RankcutError
 from rankcut.files.checkpoint import load_with_meta, save
@@ -50,6 +50,8 @@ def project(
     layers: Layers = None,
     exclude: Exclude = None,
     structure: Structure = "pair",
+    round_channels: Annotated[int, typer.Option("--round-channels", help=(
+        "channels, auto: every kept channel count is a multiple of N (CPU kernels are faster on such widths)."))] = 1,
     damping: Annotated[Optional[float], typer.Option("--damping", help="fisher: damping of G, relative to its mean eigenvalue (default 1e-3).")] = None,
     seed: Seed = 0,
     force: Force = False,
@@ -64,17 +66,19 @@ def project(
 
     --structure channels removes channels instead: each producer -> consumer chain keeps the channels that
     best predict the others by least squares, and the consumer is refitted (no layer is added).
+    --structure auto (with --method fisher and a budget) chooses per layer: whole, a pair, or channels.
     """
     report = Reporter(quiet, json_out)
     config = _config(method, keep, {"macs": macs, "params": params, "latency": latency}, layers=tuple(layers) if layers else None,
                      exclude=tuple(exclude) if exclude else None, damping=damping, seed=seed,
-                     structure=structure)
+                     structure=structure, round_channels=round_channels)
     check_output(output, [checkpoint, stats_path, profile_path], force)
     if latency is not None and profile_path is None:
         raise RankcutError(f"--latency needs --profile P.json (make one with: rankcut profile {checkpoint} -o P.json)")
-    if stats_path is None and (config.entry.needs != "none" or structure == "channels"):
-        needs, extra = ("--structure channels", " --structure channels") if structure == "channels" else (
-            f"--method {method}", "")
+    if stats_path is None and (config.entry.needs != "none" or structure != "pair"):
+        needs, extra = {"channels": ("--structure channels", " --structure channels"),
+                        "auto": ("--structure auto", " --grad kl --structure channels")}.get(
+            structure, (f"--method {method}", ""))
         raise RankcutError(f"{needs} needs --stats (make them with: rankcut stats {checkpoint} --data D{extra} "
                            "-o S.npz)")
     model, meta = load_with_meta(checkpoint)
@@ -95,7 +99,8 @@ def project(
                **({} if profile_path is None else {"profile": file_digest(profile_path)[:16]})}
     save(model, meta.with_edits(*result.edits).with_history("project", **history), output)
     data = {"output": output, **result.to_dict()}
-    report.result(data, channel_table(data) if structure == "channels" else
+    tables = {"channels": channel_table, "auto": auto_table}
+    report.result(data, tables[structure](data) if structure in tables else
                   _table(data["layers"], data["totals"], data["budget"]))
 
 

@@ -56,3 +56,20 @@ def channel_table(data: dict) -> Table:
     for name, why in data["refused"].items():
         table.add_row(name, "", "", "", "", f"whole: {why}")
     return table
+
+
+def auto_table(data: dict) -> Table:
+    """``project --structure auto``: every target's chosen structure and size, then the chains not offered and why."""
+    totals = data["totals"]
+    caption = (f"MACs {totals['macs_before']:,} -> {totals['macs_after']:,} (x{totals['macs_ratio']:.3f}), params "
+               f"{totals['params_before']:,} -> {totals['params_after']:,} (x{totals['params_ratio']:.3f}); "
+               f"summed predicted loss {data['loss']:.4g} {data['loss_units']}")
+    table = Table("layer", "structure", "size", "predicted loss", title="auto: whole, pair or channels per layer",
+                  title_justify="left", caption=caption, caption_justify="left")
+    for r in data["layers"]:
+        size = str(r["width"]) if r["structure"] == "whole" else f"{r['width']} -> {r['size']}"
+        table.add_row(r["layer"], r["structure"], size, f"{r['predicted_loss']:.4g}")
+    table.add_section()
+    for name, why in data["refused"].items():
+        table.add_row(name, "", "", f"no channels: {why}")
+    return table

@@ -8,7 +8,8 @@ multiple of its in x out channels); parameters from the shapes. A pruned consume
 
 For a budget each module's cost is charged to one chain (the chain whose consumer it is, else whose
 producer or carried module it is), priced at the other chains' current widths. Widths only shrink, so
-pricing at full widths never undercounts: the first allocation always fits. A few rounds then re-price
+pricing at full widths never undercounts: the first allocation always fits (with coarse ``--round-channels``
+steps it may not; then the fill below starts from every chain at its narrowest width). A few rounds then re-price
 at the chosen widths, the best allocation whose exact total fits is kept, and a greedy fill widens chains
 one channel at a time (exact costs) while the budget allows.
 """
@@ -80,10 +81,16 @@ def resized_cost(model: nn.Module, chains: list[Chain], widths: dict[str, int],
     return macs, params
 
 
+def kept_widths(channels: int, step: int = 1) -> np.ndarray:
+    """The widths a chain may keep: multiples of ``step`` below ``channels``, and ``channels`` itself."""
+    return np.append(np.arange(step, channels, step), channels)
+
+
 def chain_options(model: nn.Module, chain: Chain, loss: np.ndarray, owned: dict[str, Touch], widths: dict[str, int],
-                  full: dict[str, int], per_layer_macs: dict[str, int]) -> LayerOptions:
-    """The chain's menu k = 1..C, each with the cost of the modules charged to it (others at ``widths``)."""
-    ks = np.arange(1, chain.channels + 1)
+                  full: dict[str, int], per_layer_macs: dict[str, int], step: int = 1) -> LayerOptions:
+    """The chain's menu of widths (``kept_widths``), each with the cost of the modules charged to it (others at
+    ``widths``)."""
+    ks = kept_widths(chain.channels, step)
     macs, params = [], []
     for k in ks:
         at = {**widths, chain.producer: int(k)}
@@ -91,15 +98,15 @@ def chain_options(model: nn.Module, chain: Chain, loss: np.ndarray, owned: dict[
         macs.append(sum(c[0] for c in costs))
         params.append(sum(c[1] for c in costs))
     return LayerOptions(chain.producer, ks, np.array(macs, dtype=np.int64), np.array(params, dtype=np.int64),
-                        np.asarray(loss[1:], dtype=np.float64))
+                        np.asarray(loss, dtype=np.float64)[ks])
 
 
 def plan_widths(model: nn.Module, chains: list[Chain], losses: dict[str, np.ndarray], kind: str, fraction: float,
-                total_before: int, per_layer_macs: dict[str, int]) -> tuple[dict[str, int], int]:
+                total_before: int, per_layer_macs: dict[str, int], step: int = 1) -> tuple[dict[str, int], int]:
     """Widths minimising the summed loss with the model's exact total within ``fraction`` of ``total_before``.
 
-    ``losses[producer][k]`` is the chain's loss at k = 0..C in one currency. Returns the widths and the
-    exact total they give.
+    ``losses[producer][k]`` is the chain's loss at k = 0..C in one currency; widths are ``kept_widths(C, step)``.
+    Returns the widths and the exact total they give.
     """
     full = {c.producer: c.channels for c in chains}
     index = 0 if kind == "macs" else 1
@@ -110,13 +117,11 @@ def plan_widths(model: nn.Module, chains: list[Chain], losses: dict[str, np.ndar
     owned = {c.producer: {n: t for n, t in charged.items() if t.owner == c.producer} for c in chains}
     widths, best = dict(full), None
     for _ in range(ROUNDS):
-        options = [chain_options(model, c, losses[c.producer], owned[c.producer], widths, full, per_layer_macs)
+        options = [chain_options(model, c, losses[c.producer], owned[c.producer], widths, full, per_layer_macs, step)
                    for c in chains]
         try:
             choice, _ = allocate(options, kind, budget, fixed)
         except RankcutError:
-            if best is None:
-                raise
             break
         chosen = {o.name: int(o.ranks[choice[o.name]]) for o in options}
         total = fixed + resized_cost(model, chains, chosen, per_layer_macs)[index]
@@ -126,22 +131,27 @@ def plan_widths(model: nn.Module, chains: list[Chain], losses: dict[str, np.ndar
         if chosen == widths:
             break
         widths = chosen
-    if best is None:
-        raise RankcutError(f"no allocation of channels fits the budget of {budget:,} {kind}")
-    return _fill(model, chains, losses, best[1], best[2], fixed, budget, index, per_layer_macs)
+    if best is None:  # coarse --round-channels steps can defeat the pricing: widen from the narrowest instead
+        narrowest = {c.producer: int(kept_widths(c.channels, step)[0]) for c in chains}
+        total = fixed + resized_cost(model, chains, narrowest, per_layer_macs)[index]
+        if total > budget:
+            raise RankcutError(f"no allocation of channels fits the budget of {budget:,} {kind}")
+        best = (None, narrowest, total)
+    return _fill(model, chains, losses, best[1], best[2], fixed, budget, index, per_layer_macs, step)
 
 
 def _fill(model, chains: list[Chain], losses: dict[str, np.ndarray], widths: dict[str, int], total: int, fixed: int,
-          budget: int, index: int, per_layer_macs: dict[str, int]) -> tuple[dict[str, int], int]:
-    """Spend what the allocation left: widen by one channel the chain that buys the most loss per unit, at exact cost."""
+          budget: int, index: int, per_layer_macs: dict[str, int], step: int) -> tuple[dict[str, int], int]:
+    """Spend what the allocation left: widen by one step the chain that buys the most loss per unit, at exact cost."""
     while True:
         best = None
         for c in chains:
             k = widths[c.producer]
-            gain = float(losses[c.producer][k] - losses[c.producer][k + 1]) if k < c.channels else 0.0
+            wider = min(k + step, c.channels)
+            gain = float(losses[c.producer][k] - losses[c.producer][wider]) if k < c.channels else 0.0
             if gain <= 0:
                 continue
-            trial = {**widths, c.producer: k + 1}
+            trial = {**widths, c.producer: wider}
             cost = fixed + resized_cost(model, chains, trial, per_layer_macs)[index]
             if cost <= budget and (best is None or gain / max(cost - total, 1) > best[0]):
                 best = (gain / max(cost - total, 1), trial, cost)

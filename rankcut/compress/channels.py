@@ -138,22 +138,35 @@ def folded_consumer(consumer: nn.Module, block: int, a: torch.Tensor, c: torch.T
     return new.reshape(taps.shape[0], a.shape[1], *consumer.weight.shape[2:]), bias
 
 
-def select(model: nn.Module, chain: Chain, moments: Moments) -> Selection:
-    """The greedy order and predicted losses for one chain, from its consumer-input moments."""
+def loss_energy(model: nn.Module, chain: Chain, metric: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """``(M, positions)`` of the predicted loss ``positions * tr(M R Sigma R^T)``.
+
+    Without ``metric``: ``M = sum_t W_t^T W_t`` and the loss is the consumer's squared output error per sample.
+    With ``metric`` G (the consumer's output-gradient second moment, summed over its positions per sample, as
+    fisher's): ``M = sum_t W_t^T G W_t`` and positions 1, so the loss is the expected squared first-order change
+    of the network's loss, fisher's currency (``compress.auto``).
+    """
+    taps = consumer_taps(get_module(model, chain.consumer), chain.block)
+    if metric is None:
+        return weight_energy(taps), chain.positions
+    return torch.einsum("oct,op,pdt->cd", taps, metric.double(), taps), 1
+
+
+def select(model: nn.Module, chain: Chain, moments: Moments, metric: torch.Tensor | None = None) -> Selection:
+    """The greedy order and predicted losses for one chain, from its consumer-input moments (``loss_energy``)."""
     if moments.mean.shape[0] != chain.channels:
         raise RankcutError(f"statistics for {chain.producer} have {moments.mean.shape[0]} channels, the model "
                            f"{chain.channels}")
-    consumer = get_module(model, chain.consumer)
-    return greedy_order(moments.covariance, weight_energy(consumer_taps(consumer, chain.block)), chain.positions)
+    return greedy_order(moments.covariance, *loss_energy(model, chain, metric))
 
 
-def prune_chain(model: nn.Module, chain: Chain, moments: Moments, kept: list[int],
-                ridge: float = RIDGE) -> tuple[ChannelPrune, float]:
+def prune_chain(model: nn.Module, chain: Chain, moments: Moments, kept: list[int], ridge: float = RIDGE,
+                metric: torch.Tensor | None = None) -> tuple[ChannelPrune, float]:
     """Keep channels ``kept`` of ``chain`` in place, refitting its consumer; the edit and its predicted loss."""
     consumer = get_module(model, chain.consumer)
     a, c = reconstruction(moments, kept, ridge)
-    energy = weight_energy(consumer_taps(consumer, chain.block))
-    loss = reconstruction_loss(moments, energy, a, kept, chain.positions)
+    energy, positions = loss_energy(model, chain, metric)
+    loss = reconstruction_loss(moments, energy, a, kept, positions)
     weight, bias = folded_consumer(consumer, chain.block, a, c)
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         raise RankcutError(f"the reconstruction for {chain.producer} -> {chain.consumer} is not finite (its "

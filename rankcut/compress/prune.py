@@ -49,8 +49,12 @@ class PruneResult:
 
 
 def fitting_chains(model: nn.Module, contract: InputContract, stats: StatsFile, where: str,
-                   layers: list[str] | None, exclude: list[str] | None) -> tuple[list[Chain], dict[str, str]]:
-    """The model's chains that the statistics measured, and why every other conv/linear layer is left whole."""
+                   layers: list[str] | None, exclude: list[str] | None,
+                   required: bool = True) -> tuple[list[Chain], dict[str, str]]:
+    """The model's chains that the statistics measured, and why every other conv/linear layer is left whole.
+
+    With ``required``, finding none is an error (``--structure channels``; ``auto`` can still make pairs).
+    """
     if not stats.chains:
         raise RankcutError(f"{where} holds no channel statistics; make them with: rankcut stats CHECKPOINT "
                            "--data D --structure channels -o S.npz")
@@ -70,35 +74,40 @@ def fitting_chains(model: nn.Module, contract: InputContract, stats: StatsFile, 
                                f"but in the checkpoint it is {chain.to_dict()}")
         else:
             chosen.append(chain)
-    if not chosen:
+    if not chosen and required:
         raise RankcutError("no prunable chain selected" + (
             f" ({next(iter(refused))}: {next(iter(refused.values()))})" if refused else ""))
     return chosen, refused
 
 
 def _widths(model, chains: list[Chain], selections: dict[str, Selection], keep: float | None,
-            budget: tuple[str, float] | None, totals: tuple[int, int], per_layer: dict[str, int]) -> dict[str, int]:
+            budget: tuple[str, float] | None, totals: tuple[int, int], per_layer: dict[str, int],
+            step: int = 1) -> dict[str, int]:
     if budget is None:
-        return {c.producer: max(1, int(keep * c.channels + 0.5)) for c in chains}
+        return {c.producer: min(c.channels, step * max(1, int(keep * c.channels / step + 0.5))) for c in chains}
     kind, fraction = budget
     losses = {}
     for c in chains:  # one currency: the fraction of the consumer's input-driven output variance lost
         loss = selections[c.producer].loss.numpy()
         losses[c.producer] = loss / loss[0] if loss[0] > 0 else np.zeros_like(loss)
-    widths, _ = plan_widths(model, chains, losses, kind, fraction, totals[0 if kind == "macs" else 1], per_layer)
+    widths, _ = plan_widths(model, chains, losses, kind, fraction, totals[0 if kind == "macs" else 1], per_layer,
+                            step)
     return widths
 
 
 def prune_model(model: nn.Module, contract: InputContract, stats: StatsFile, *, keep: float | None,
                 budget: tuple[str, float] | None, layers: list[str] | None = None, exclude: list[str] | None = None,
-                where: str = "the statistics") -> PruneResult:
-    """Prune every selected chain of ``model`` (in place) to its width from ``keep`` or a (kind, fraction) budget."""
+                where: str = "the statistics", step: int = 1) -> PruneResult:
+    """Prune every selected chain of ``model`` (in place) to its width from ``keep`` or a (kind, fraction) budget.
+
+    Kept widths are multiples of ``step`` (``--round-channels``), or a chain's full width.
+    """
     chains, refused = fitting_chains(model, contract, stats, where, layers, exclude)
     macs_before, per_layer = count_macs(model, contract)
     params_before = count_params(model)
     with torch.no_grad():
         selections = {c.producer: select(model, c, stats.chains[c.producer].moments) for c in chains}
-    widths = _widths(model, chains, selections, keep, budget, (macs_before, params_before), per_layer)
+    widths = _widths(model, chains, selections, keep, budget, (macs_before, params_before), per_layer, step)
     predicted = [a - b + c for a, b, c in zip((macs_before, params_before), resized_cost(model, chains, {}, per_layer),
                                                resized_cost(model, chains, widths, per_layer))]
     edits, rows = [], []

@@ -37,7 +37,8 @@ ELEMENTWISE_METHODS = {"relu", "relu_", "contiguous"}
 SHAPE_ONLY_METHODS = {"size", "dim"}
 RESIDUAL = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub}
 SPATIAL_MEANS = ({2, 3}, {-2, -1})
-STRUCTURES = ("pair", "channels")
+STRUCTURES = ("pair", "channels")  # what statistics are gathered for
+PROJECT_STRUCTURES = (*STRUCTURES, "auto")  # what project makes: auto chooses pair or channels per layer
 
 
 @dataclass(frozen=True)
@@ -243,9 +244,9 @@ def _consumer(start: fx.Node, node: fx.Node, module: nn.Module, channels: int, c
     return Chain(start.target, node.target, carried, channels, 1, positions)
 
 
-def check_structure(structure: str) -> None:
-    if structure not in STRUCTURES:
-        raise RankcutError(f"--structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
+def check_structure(structure: str, allowed: tuple[str, ...] = STRUCTURES) -> None:
+    if structure not in allowed:
+        raise RankcutError(f"--structure must be one of {', '.join(allowed)}, got {structure!r}")
 
 
 def select_chains(chains: list[Chain], layers: list[str] | None, exclude: list[str] | None) -> list[Chain]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import invoke
@@ -184,3 +185,27 @@ def test_cli_fisher_without_damping_on_a_singular_g_is_one_clear_line(tmp_path, 
     assert not out.exists()
     run_cli(["project", dead, "--stats", stats, "--method", "fisher", "--keep", "0.5", "-o", out, "--quiet"])
     assert all(torch.isfinite(p).all() for p in load_with_meta(out)[0].parameters())
+
+
+def test_cli_auto_structure_within_budget_rounded_and_shown_by_info(tmp_path, mnist_ckpt, run_cli):
+    """project --structure auto: the budget holds, channel widths are multiples of --round-channels, and info
+    shows every layer's chosen structure and width; --keep and other methods are refused in one line."""
+    data, stats, out = tmp_path / "x.npz", tmp_path / "s.npz", tmp_path / "auto.safetensors"
+    np.savez(data, x=torch.rand(48, 1, 28, 28, generator=torch.Generator().manual_seed(0)).numpy())
+    run_cli(["stats", mnist_ckpt, "--data", data, "--grad", "kl", "--structure", "channels", "-o", stats, "-q"])
+    result = run_cli(["project", mnist_ckpt, "--stats", stats, "--structure", "auto", "--method", "fisher",
+                      "--macs", "0.3", "--round-channels", "4", "-o", out, "--json"]).data
+    assert result["totals"]["macs_after"] <= 0.3 * result["totals"]["macs_before"]
+    chosen = {r["layer"]: r for r in result["layers"]}
+    assert {r["structure"] for r in chosen.values()} - {"whole"}, "auto changed nothing at 30% of the MACs"
+    assert all(r["size"] % 4 == 0 for r in chosen.values() if r["structure"] == "channels")
+    assert "fc1" in result["refused"] and "fc2" in result["refused"]["fc1"]  # its consumer is the output layer
+    info = {r["name"]: r for r in run_cli(["info", out, "--json"]).data["layers"]}
+    for name, r in chosen.items():
+        assert info[name]["structure"] == r["structure"], name
+        width = {"pair": info[name]["rank"], "channels": info[name]["width"], "whole": info[name]["width"]}
+        assert width[r["structure"]] == r["size"], name
+    for args, message in ((["--keep", "0.5"], "under a budget"), (["--macs", "0.5", "--method", "pca"], "--method fisher")):
+        failed = run_cli(["project", mnist_ckpt, "--stats", stats, "--structure", "auto", *args, "-o",
+                          tmp_path / "x.safetensors"], fails=True)
+        assert message in failed.message

@@ -258,3 +258,16 @@ def test_cli_channels_pipeline_budget_and_old_stats(tmp_path, mnist_ckpt, run_cl
     assert info["macs"] == result["totals"]["macs_after"]
     assert any(r["structure"] == "channels" for r in rows.values())
     assert rows["conv1"]["width"] == load(out).conv1.out_channels
+
+
+@pytest.mark.parametrize("how", [["--keep", "0.4"], ["--macs", "0.3"]])
+def test_round_channels_keeps_multiples(tmp_path, mnist_ckpt, run_cli, how):
+    """--round-channels 8: every pruned chain keeps a multiple of 8 channels (a budget still holds)."""
+    data, stats, out = tmp_path / "x.npz", tmp_path / "s.npz", tmp_path / "r.safetensors"
+    np.savez(data, x=torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(0)).numpy())
+    run_cli(["stats", mnist_ckpt, "--data", data, "--structure", "channels", "-o", stats, "-q"])
+    result = run_cli(["project", mnist_ckpt, "--stats", stats, "--structure", "channels", *how, "--round-channels",
+                      "8", "-o", out, "--json"]).data
+    kept = [r["kept"] for r in result["chains"] if r["status"] == "pruned"]
+    assert kept and all(k % 8 == 0 for k in kept), kept
+    assert result["totals"]["macs_ratio"] <= 0.3 or how[0] == "--keep"
