@@ -174,9 +174,6 @@ class ProjectConfig:
             raise RankcutError(f"--keep and --{self.budget.kind} are alternatives: give one")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise RankcutError(f"--keep must be in (0, 1], got {self.keep}")
-        if self.structure == "channels" and self.budget is not None and self.budget.kind == "latency":
-            raise RankcutError("--latency budgets rank-k pairs (the profile times pairs); with --structure channels "
-                               "use --macs or --params")
         if self.structure == "pair" and self.budget is not None and method.budget is None:
             raise RankcutError(no_loss(method))
         if self.damping is not None:
@@ -241,17 +238,15 @@ def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, 
     With a latency ``profile`` of this model (``rankcut profile``), no layer becomes a pair the profile measured
     as no faster than the layer, whatever the budget; a ``latency`` budget needs one. With
     ``structure="channels"`` channels are removed instead (``compress.prune``; statistics from
-    ``StatsConfig(structure="channels")``).
+    ``StatsConfig(structure="channels")``), and a profile prices the chains' widths in measured time.
     """
     if config.structure == "channels":
         if stats is None:
             raise RankcutError("--structure channels needs --stats (made with: rankcut stats --structure channels)")
-        if profile is not None:
-            raise RankcutError("--profile times rank-k pairs; it does not apply to --structure channels")
         budget = None if config.budget is None else (config.budget.kind, config.budget.fraction)
         return prune_model(model, contract, stats, keep=config.keep, budget=budget,
                            layers=list(config.layers or []) or None, exclude=list(config.exclude or []) or None,
-                           where=where)
+                           where=where, profile=profile)
     method = config.entry
     if stats is None:
         method.check_stats(None)
@@ -270,7 +265,7 @@ def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, 
             chosen = [t for t in targets if t.name not in slower]
     else:
         kind = config.budget.kind
-        total = {"macs": macs_before, "params": params_before}.get(kind) or latency_total(profile, [t.name for t in targets])
+        total = {"macs": macs_before, "params": params_before}.get(kind) or latency_total(profile)
         plan = plan_budget(model, targets, layer_stats, method, kind, config.budget.fraction, total, per_before,
                            config.options, adjust=None if profile is None else timed_options(profile))
         ranks = plan.ranks
