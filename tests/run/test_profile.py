@@ -224,3 +224,40 @@ def test_a_module_called_twice_counts_twice_among_the_parts():
     inputs, calls = capture_inputs(Twice(), ["lin", "relu"], x)
     assert calls == {"lin": 1, "relu": 2}
     assert torch.equal(inputs["relu"], x), "the first call's input is the one timed"
+
+
+def test_next_budget_takes_a_secant_step_that_lands_on_a_linear_response():
+    from rankcut.api import CalibrationRound, next_budget
+
+    def measured(f):  # a model that runs at 0.6 x its budget + 0.1 (fixed costs the profile missed)
+        return CalibrationRound(f, f, 0.6 * f + 0.1, 0, 0)
+
+    rounds = [measured(0.5)]
+    rounds.append(measured(next_budget(rounds, 0.5)))
+    assert rounds[-1].budget == pytest.approx(0.5 + 0.1 / 0.8)  # first step: proportional
+    assert next_budget(rounds, 0.5) == pytest.approx(2 / 3)  # then the secant: 0.6 x 2/3 + 0.1 = 0.5
+
+
+@pytest.mark.slow
+def test_calibrate_re_solves_until_the_measured_ratio_meets_the_budget(mnist_ckpt, tmp_path, monkeypatch):
+    """A stand-in clock whose 'measured' ratio is the MACs ratio: the loop must steer the latency budget to it."""
+    from rankcut import api
+    from rankcut.files.checkpoint import load_with_meta
+    from rankcut.model.cost import count_macs
+
+    def clock(models, contract, *args, **kwargs):
+        r = count_macs(models[0], contract)[0] / count_macs(models[1], contract)[0]
+        return [{"ratio": r, "ratio_q25": r, "ratio_q75": r}, {"ratio": 1.0, "ratio_q25": 1.0, "ratio_q75": 1.0}]
+
+    monkeypatch.setattr(api, "compare_runtime", clock)
+    out = tmp_path / "small.safetensors"
+    result = rankcut("project", mnist_ckpt, "--method", "svd", "--latency", "0.5", "--profile",
+                     _profile(mnist_ckpt, tmp_path), "--calibrate", "4", "-o", out, "--json")
+    rounds = result["calibration"]
+    nearest = min(rounds, key=lambda r: abs(r["measured"] - 0.5))
+    assert rounds[0]["budget"] == 0.5 and 1 < len(rounds) <= 5
+    assert abs(nearest["measured"] - 0.5) <= 0.02, f"measured ratios {[r['measured'] for r in rounds]}"
+    model, meta = load_with_meta(out)  # what is written is the round measured nearest the budget
+    assert count_macs(model, meta.input)[0] / result["totals"]["macs_before"] == pytest.approx(nearest["measured"])
+    assert "--calibrate" in rankcut("project", mnist_ckpt, "--method", "svd", "--macs", "0.5", "--calibrate", "2",
+                                    "-o", tmp_path / "x.safetensors", fails=True)
