@@ -68,30 +68,35 @@ def base_model(arch: str, out: Path) -> tuple[Path, str, Path]:
     return path, data, stats
 
 
-BUDGETS = (("pair", "--latency"), ("pair", "--macs"), ("channels", "--latency"), ("channels", "--macs"))
+CALIBRATE = ("--calibrate", "3")
+BUDGETS = (("pair", "--latency", ()), ("pair", "--latency", CALIBRATE), ("pair", "--macs", ()),
+           ("channels", "--latency", ()), ("channels", "--latency", CALIBRATE), ("channels", "--macs", ()))
 
 
-def project_all(base: Path, stats: Path, profile: Path, tag: str, out: Path) -> dict[tuple[str, str], tuple]:
-    """Every structure x budget at 0.5: (checkpoint, predicted latency ratio or None) or the one-line refusal.
+def project_all(base: Path, stats: Path, profile: Path, tag: str, out: Path) -> dict[str, tuple | str]:
+    """Every structure x budget at 0.5, by label: (checkpoint, predicted latency ratio or None, MACs ratio,
+    calibration rounds) or the one-line refusal.
 
     Pairs by svd (data-free); ``--macs`` pairs without the profile (the MACs proxy as users have it), channel
     ``--macs`` with it (it changes no width there, and gives the profile's prediction).
     """
     made = {}
-    for structure, flag in BUDGETS:
-        path = out / f"{tag}-{structure}{flag.strip('-')}.safetensors"
+    for structure, flag, extra in BUDGETS:
+        label = " ".join([structure, flag, "0.5", *extra])
+        path = out / f"{tag}-{structure}{flag.strip('-')}{'-calibrated' if extra else ''}.safetensors"
         how = ["--method", "svd"] if structure == "pair" else ["--stats", stats, "--structure", "channels"]
         timed = ["--profile", profile] if flag == "--latency" or structure == "channels" else []
         try:
-            r = rankcut("project", base, *how, flag, "0.5", *timed, "-o", path, "--quiet", "--force")
+            r = rankcut("project", base, *how, flag, "0.5", *timed, *extra, "-o", path, "--quiet", "--force")
         except RuntimeError as e:
-            made[structure, flag] = str(e).split("failed: ")[-1].removeprefix("error: ")
+            made[label] = str(e).split("failed: ")[-1].removeprefix("error: ")
             continue
         if structure == "pair":
             predicted = r["budget"]["achieved"] / r["budget"]["total_before"] if flag == "--latency" else None
         else:
             predicted = r["totals"]["latency_ratio"]
-        made[structure, flag] = (path, predicted, r["totals"]["macs_ratio"])
+        rounds = ", ".join(f"{c['measured']:.2f}" for c in r.get("calibration", []))
+        made[label] = (path, predicted, r["totals"]["macs_ratio"], rounds)
     return made
 
 
@@ -114,18 +119,17 @@ def compare(arch: str, batches: list[int], runtimes: list[str], threads: int, ou
                                 "-b", batch, "--threads", threads, "--runtime", runtime, "--device", "cpu")
             by_path = {r["checkpoint"]: r for r in result.get("results", [result])}
             ref = next(iter(by_path.values()))["reference"]
-            for (structure, flag), m in made.items():
-                label = f"{structure} {flag} 0.5"
+            for label, m in made.items():
                 if not isinstance(m, tuple):
-                    rows.append([arch, str(batch), runtime, label, f"infeasible: {m}"[:110], "", "", "", "", ""])
+                    rows.append([arch, str(batch), runtime, label, f"infeasible: {m}"[:110], "", "", "", "", "", ""])
                     continue
-                path, predicted, macs = m
+                path, predicted, macs, rounds = m
                 lat = by_path[str(path)]["latency"]
                 top1 = f"{100 * top1_of(path):.1f}% ({100 * top1_of(base):.1f}%)" if arch == "mnist" else ""
                 rows.append([arch, str(batch), runtime, label, f"{macs:.3f}",
                              "" if predicted is None else f"{predicted:.3f}",
                              f"{lat['ratio']:.3f} ({lat['ratio_q25']:.2f}-{lat['ratio_q75']:.2f})",
-                             f"{lat['cpu_ratio']:.3f}", f"{load:.1f}", top1])
+                             f"{lat['cpu_ratio']:.3f}", rounds, f"{load:.1f}", top1])
             print(f"{tag}: profiled in {profiled:.0f} s (parts/whole {p['parts_over_whole']:.2f}, scale "
                   f"{p['scale']:.2f}); original {ref['latency']['batch_ms']:.2f} ms; load {load:.1f}", file=sys.stderr)
     return rows
@@ -174,7 +178,8 @@ def main() -> None:
     for arch in args.archs:
         rows += compare(arch, args.batches, args.runtimes, args.threads, out)
     table = Table("model", "batch", "runtime", "structure, budget", "MACs ratio", "predicted latency",
-                  "measured latency (25-75%)", "CPU-time ratio", "load", "top-1 (original)",
+                  "measured latency (25-75%)", "CPU-time ratio", "calibration rounds measured", "load",
+                  "top-1 (original)",
                   title=f"--latency 0.5 vs --macs 0.5 (pairs: svd; channels), CPU, {args.threads} threads: latency "
                   "ratio to the original in a fresh process", title_justify="left")
     for row in rows:
