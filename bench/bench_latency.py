@@ -44,7 +44,8 @@ def fresh_eval(*args) -> dict:
 
 def top1_of(path: Path) -> float:
     """Top-1 on the 1,000 mnist5k test digits (in this process, batch 500)."""
-    return rankcut("eval", path, "--data", "mnist5k:test", "--batch-size", "500", "--device", "cpu", "--quiet")["top1"]
+    r = rankcut("eval", path, "--data", "mnist5k:test", "--batch-size", "500", "--device", "cpu", "--quiet")
+    return r.get("results", [r])[0]["top1"]
 
 
 def base_model(arch: str, out: Path) -> tuple[Path, str, Path]:

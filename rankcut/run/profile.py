@@ -193,7 +193,8 @@ def profile_model(model: nn.Module, contract: InputContract, targets: list[Targe
             pairs = [empty_pair(layer, k).to(device).eval() for k in ranks]
             timed = compare([make(_as_is(model, t), xin)] + [make(p, xin) for p in pairs], **options)
             ms = leaf_ms[t.name] + (leaf_ms.get(t.bn, 0.0) if t.bn else 0.0)
-            layers[t.name] = LayerProfile(ms, (ms * timed[0].ratio_q25, ms * timed[0].ratio_q75), {PAIR: tuple(
+            spread = tuple(ms * v / timed[0].batch_ms for v in timed[0].spread_ms)  # its passes' quartiles, scaled
+            layers[t.name] = LayerProfile(ms, spread, {PAIR: tuple(
                 Candidate(k, ms * c.ratio, c.ratio, c.ratio_q25, c.ratio_q75) for k, c in zip(ranks, timed[1:]))})
             step(t.name)
         chain_profiles = {}
