@@ -150,6 +150,7 @@ def stability(threads: int, out: Path, runs: int = 3) -> None:
     for i in range(runs):
         lat = fresh_eval(pca, "--reference", base, "--data", data, "--samples", "64", "--latency", "-b", "64",
                          "--threads", threads, "--device", "cpu")
+        lat = lat.get("results", [lat])[0]
         r, ref = lat["latency"], lat["reference"]["latency"]
         ratios.append(r["ratio"])
         table.add_row(str(i + 1), f"{r['ratio']:.3f} ({r['ratio_q25']:.3f}-{r['ratio_q75']:.3f})",
