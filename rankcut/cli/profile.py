@@ -29,9 +29,9 @@ def profile(
     runtime: Annotated[str, typer.Option("--runtime", help=f"Runtime to time: {', '.join(RUNTIMES)}.")] = "torch",
     ranks: Annotated[int, typer.Option("--ranks", help=(
         "Ranks timed per layer, spread over those whose pair saves MACs; as many kept widths per channel chain."))] = 8,
-    structures: Annotated[str, typer.Option("--structures", help=(
+    structures: Annotated[Optional[str], typer.Option("--structures", help=(
         "What to time: pair (rank-k pairs of every target), channels (every channel chain at kept widths; needs "
-        "a model torch.fx can trace), comma-separated."))] = "pair,channels",
+        "a model torch.fx can trace), comma-separated. Default: both, channels only where the model traces."))] = None,
     seconds: Annotated[float, typer.Option("--seconds", help="Most seconds per comparison (after 10 rounds).")] = 4.0,
     layers: Layers = None,
     exclude: Exclude = None,
@@ -47,7 +47,7 @@ def profile(
     refused for any other checkpoint.
     """
     report = Reporter(quiet, json_out)
-    chosen = [s.strip() for s in structures.split(",") if s.strip()]
+    chosen = [s.strip() for s in (structures or ",".join(STRUCTURES)).split(",") if s.strip()]
     if not chosen or any(s not in STRUCTURES for s in chosen):
         raise RankcutError(f"--structures takes {', '.join(STRUCTURES)} (comma-separated), got {structures!r}")
     if ranks < 1:
@@ -58,7 +58,14 @@ def profile(
     dev = resolve_device(device)
     model, meta = load_with_meta(checkpoint, dev)
     targets = select(model, meta.input, layers, exclude) if "pair" in chosen else []
-    chains = select_chains(find_chains(model, meta.input)[0], layers, exclude) if "channels" in chosen else []
+    chains = []
+    if "channels" in chosen:
+        try:
+            chains = select_chains(find_chains(model, meta.input)[0], layers, exclude)
+        except RankcutError as e:
+            if structures is not None:
+                raise
+            report.warn(f"channel chains not timed: {e}")
     with report.progress() as progress:
         task = progress.add_task("profile", total=len(targets) + len(chains) + 1, info="")
 
