@@ -23,6 +23,7 @@ _EXPORTS = {
     "StatsConfig": "rankcut.api", "ProjectConfig": "rankcut.api", "Budget": "rankcut.api",
     "EvalConfig": "rankcut.api", "ProjectResult": "rankcut.api", "refit": "rankcut.api",
     "RefitConfig": "rankcut.api", "RefitResult": "rankcut.api", "sweep": "rankcut.api", "SweepConfig": "rankcut.api",
+    "SweepCache": "rankcut.run.sweepcache", "file_inputs": "rankcut.run.sweepcache",
 }
 __all__ = sorted(_EXPORTS)
 

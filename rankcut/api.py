@@ -39,10 +39,12 @@ from rankcut.model.edits import Edit, get_module
 from rankcut.model.graph import check_structure, find_chains, select_chains
 from rankcut.model.layers import LowRank, current_rank, max_rank
 from rankcut.model.targets import Target, match, select, trace, untargeted, warn_output_layer
-from rankcut.run.data import UNLABELED, loader, shard
+from rankcut.run.data import UNLABELED, loader, shard, subset
 from rankcut.run.evaluate import check_dataset_labels, evaluate_many, known_labels
 from rankcut.run.frontier import KINDS, label, point_key, summarize
 from rankcut.run.latency import RUNTIMES, compare_runtime
+from rankcut.run.sweepcache import SweepCache
+from rankcut.run.train import TrainConfig, fit
 from rankcut.stats.collect import LOSSES, collect_gradients, collect_moments
 from rankcut.stats.inputs import input_moments, observe_inputs
 from rankcut.stats.moments import ChainStats, LayerStats
@@ -527,6 +529,7 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
 
 SWEEP_FIGURES = ("top1", "topk", "k", "loss", "agreement", "kl", "nonfinite", "samples", "labeled", "macs", "params",
                  "ratios")
+COSTS = ("macs", "latency")
 
 
 @dataclass(frozen=True)
@@ -534,9 +537,15 @@ class SweepConfig:
     """What to sweep: every ``structures`` x ``methods`` (``pair`` only; ``channels`` takes no method) x ``budgets``.
 
     ``budgets`` are ``(kind, fraction)`` with kind ``keep`` (every layer keeps that fraction of its rank),
-    ``macs`` or ``params`` (a global budget). ``within``: the recommendation is the cheapest point (in MACs)
-    whose top-1 is at most this many percentage points below the original's. ``damping``, ``seed``, ``layers``
-    and ``exclude`` are ``ProjectConfig``'s, the same for every point.
+    ``macs``, ``params`` or ``latency`` (a global budget; latency needs a profile and budgets pairs only: it is
+    not a channels point). ``within``: the recommendation is the cheapest point (in ``cost``: MACs, or the
+    measured latency ratio, which needs ``eval.latency``) whose top-1 is at most this many percentage points
+    below the original's. ``damping``, ``seed``, ``layers`` and ``exclude`` are ``ProjectConfig``'s, the same
+    for every point.
+
+    After ``project``, each point is refitted (``refit``, on ``refit_samples`` of the training data, all when
+    None) and fine-tuned for ``finetune_epochs`` (``TrainConfig``'s defaults otherwise), in that order, when asked.
+    With ``eval.latency`` each point is timed against the original (``evaluate``'s pairwise comparison).
 
     ``per_layer``: per-layer sensitivity instead: each selected layer (for ``channels``, each chain's producer)
     alone at each ``keep`` fraction, all others whole; the points are ordered by their top-1 drop. Without
@@ -553,6 +562,10 @@ class SweepConfig:
     exclude: tuple[str, ...] | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     per_layer: bool = False
+    refit: bool = False
+    refit_samples: int | None = None
+    finetune_epochs: int = 0
+    cost: str = "macs"
 
     def __post_init__(self):
         if self.per_layer and not self.budgets:
@@ -564,7 +577,8 @@ class SweepConfig:
         if "pair" in self.structures and not self.methods:
             raise RankcutError("--methods names no method")
         if not self.budgets:
-            raise RankcutError("say which budgets to sweep: --keep, --macs or --params, e.g. --macs 0.5,0.25")
+            raise RankcutError("say which budgets to sweep: --keep, --macs, --params or --latency, e.g. --macs "
+                               "0.5,0.25")
         for kind, _ in self.budgets:
             if kind not in KINDS:
                 raise RankcutError(f"a sweep budget is one of {', '.join(KINDS)}, got {kind!r}")
@@ -573,7 +587,35 @@ class SweepConfig:
                                    "whole model")
         if not self.within >= 0:
             raise RankcutError(f"--within must be 0 or more percentage points, got {self.within}")
-        self.configs()  # every point's ProjectConfig validates itself now, before any work
+        if self.cost not in COSTS:
+            raise RankcutError(f"--cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
+        if self.cost == "latency" and not self.eval.latency:
+            raise RankcutError("--cost latency ranks points by their measured latency: add --measure-latency")
+        if self.refit_samples is not None and (not self.refit or self.refit_samples < 1):
+            raise RankcutError("--refit-samples is a positive number of samples for --refit")
+        if self.finetune_epochs < 0:
+            raise RankcutError(f"--finetune-epochs must be 0 or more, got {self.finetune_epochs}")
+        if not self.configs():
+            raise RankcutError("nothing to sweep: --latency budgets rank-k pairs only; add --structures pair or "
+                               "--macs/--params budgets")  # every other combination makes at least one point
+
+    @property
+    def trains(self) -> bool:
+        """Whether the points need training data (refit or fine-tuning)."""
+        return self.refit or self.finetune_epochs > 0
+
+    def fingerprint(self) -> dict:
+        """The options a point's figures depend on beyond its key; a cached point is reused only when they match.
+
+        The later options appear only when used, so a cache written before they existed stays valid.
+        """
+        timing = {"threads": self.eval.threads, "runtime": self.eval.runtime}
+        return {"seed": self.seed, "damping": self.damping, "layers": self.layers and list(self.layers),
+                "exclude": self.exclude and list(self.exclude), "batch_size": self.eval.batch_size,
+                **({"per_layer": True} if self.per_layer else {}),
+                **({"refit": {"samples": self.refit_samples}} if self.refit else {}),
+                **({"finetune": {"epochs": self.finetune_epochs}} if self.finetune_epochs else {}),
+                **({"latency": timing} if self.eval.latency else {})}
 
     def configs(self, layers: dict[str, list[str]] | None = None) -> list[tuple[tuple, ProjectConfig]]:
         """Each point's key ``(structure, method, kind, fraction, layer)`` and ``ProjectConfig``, in sweep order.
@@ -588,7 +630,7 @@ class SweepConfig:
                 for layer in names:
                     for kind, fraction in dict.fromkeys((k, float(f)) for k, f in self.budgets):
                         key = (structure, method, kind, fraction, layer)
-                        if key in seen:
+                        if key in seen or (structure == "channels" and kind == "latency"):
                             continue
                         seen.add(key)
                         how = {"keep": fraction} if kind == "keep" else {"budget": Budget(kind, fraction)}
@@ -618,8 +660,9 @@ def sweep_layers(model: nn.Module, contract: InputContract, stats: StatsFile | N
     return out
 
 
-def check_sweep_stats(stats: StatsFile | None, config: SweepConfig) -> None:
-    """Refuse, before any work, statistics that lack what one of the swept points needs."""
+def check_sweep_inputs(stats: StatsFile | None, config: SweepConfig, train_set: Dataset | None,
+                       refit_set: Dataset | None, profile: Profile | None) -> None:
+    """Refuse, before any work, inputs that lack what one of the swept points needs."""
     if "pair" in config.structures:
         for name in dict.fromkeys(config.methods):
             method = get_method(name)
@@ -631,33 +674,49 @@ def check_sweep_stats(stats: StatsFile | None, config: SweepConfig) -> None:
     if "channels" in config.structures and (stats is None or not stats.chains):
         raise RankcutError("--structures channels needs channel statistics (make them with: rankcut stats "
                            "CHECKPOINT --data D --structure channels -o S.npz)")
+    if profile is None and any(kind == "latency" for kind, _ in config.budgets):
+        raise RankcutError("--latency budgets need --profile P.json (make one with: rankcut profile CHECKPOINT "
+                           "-o P.json)")
+    if (config.finetune_epochs and train_set is None) or (config.refit and refit_set is None):
+        raise RankcutError("--refit and --finetune-epochs need --train-data T (the data to refit and train on; "
+                           "never the evaluation data)")
 
 
 def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, dataset: Dataset, classes: int,
-          config: SweepConfig, *, known: dict | None = None, where: str = "the statistics",
-          ctx: dist.Context | None = None, progress=None,
-          on_point: Callable[[dict, nn.Module, object, dict], None] | None = None) -> dict:
+          config: SweepConfig, *, train_set: Dataset | None = None, refit_set: Dataset | None = None,
+          profile: Profile | None = None,
+          cache: SweepCache | None = None, where: str = "the statistics", ctx: dist.Context | None = None,
+          progress=None, on_point: Callable[[dict, nn.Module, object, dict], None] | None = None) -> dict:
     """Project a copy of ``model`` (left as it is) at every point of ``config`` and evaluate it against ``model``.
 
-    ``model`` is on the CPU, as ``project`` loads it; each copy is evaluated on ``ctx.device``. ``known``: a
-    previous result whose points (and original figures) are reused by key. ``on_point(point, projected,
-    project_result, original)`` is called after each new point (the caller keeps the checkpoint, writes the
-    cache; what it adds to ``point`` is kept). Returns ``summarize``'s dict plus ``computed`` and
-    ``reused`` counts. ``dataset`` must be labelled (top-1 orders the points).
+    ``model`` is on the CPU, as ``project`` loads it; each copy is evaluated on ``ctx.device``. ``train_set``:
+    the data points are fine-tuned on, and refitted on unless ``refit_set`` is given (``rankcut sweep`` opens the
+    training data with training transforms for the one and evaluation transforms for the other, as ``finetune``
+    and ``refit`` do), when ``config`` asks. ``profile``: a latency profile of
+    ``model``, given to every pair point as ``project`` takes it (needed by latency budgets). ``cache``: the
+    points of an earlier sweep from the same inputs and options are reused by key, and the file is rewritten
+    after every new point (``run.sweepcache``). ``on_point(point, model, project_result, original)`` is
+    called after each new point (what it adds to ``point`` is kept). Returns ``summarize``'s dict plus
+    ``computed`` and ``reused`` counts (and ``inputs``, the fingerprint, with a cache). ``dataset`` must be
+    labelled (top-1 orders the points).
     """
-    check_sweep_stats(stats, config)
-    check_dataset_labels(dataset, classes, False, "the sweep's data")
-    labels = known_labels(dataset)
-    if labels is not None and bool((labels == UNLABELED).any()):
-        raise RankcutError("the sweep's data has unlabelled samples; a sweep orders its points by top-1 and needs "
-                           "labelled data")
+    refit_set = train_set if refit_set is None else refit_set
+    check_sweep_inputs(stats, config, train_set, refit_set, profile)
+    _check_labels(dataset, classes, "the sweep's data", "a sweep orders its points by top-1 and needs labelled data")
+    if config.finetune_epochs:
+        _check_labels(train_set, classes, "the training data", "--finetune-epochs trains on labels (--refit alone "
+                      "needs none)")
+    if config.refit:
+        _check_labels(refit_set, classes, "the refit data")
     ctx = ctx or dist.Context(0, 1, next(model.parameters()).device)
-    known = known or {}
+    fingerprint = {**(cache.inputs if cache else {}), **config.fingerprint(), "device": ctx.device.type}
+    known = (cache.read(fingerprint) if cache else None) or {}
     cached = {point_key(p): p for p in known.get("points", [])}
     original = known.get("original")
     todo = config.configs(sweep_layers(model, contract, stats, config, where) if config.per_layer else None)
     reference = copy.deepcopy(model).to(ctx.device)
     done: dict[tuple, dict] = {}
+    written = dict(cached)  # what the cache file holds: the reusable points and every new one
     task = progress.add_task("sweep", total=sum(k not in cached for k, _ in todo), info="") if progress else None
     for key, project_config in todo:
         if key in cached:
@@ -668,8 +727,11 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
             at = "" if layer is None else f" {layer}"
             progress.update(task, info=f"{label(dict(structure=structure, method=method))}{at} {kind} {fraction:g}")
         small = copy.deepcopy(model)
-        result = project(small, contract, stats, project_config, where)
+        result = project(small, contract, stats, project_config, where,
+                         profile=profile if structure == "pair" else None)
         small.to(ctx.device)
+        steps, history = _after_project(small, reference, contract, dataset, (refit_set, train_set), classes,
+                                        config, ctx, progress)
         figures = evaluate([small], contract, dataset, classes, config.eval, reference=reference, ctx=ctx,
                            progress=progress)[0]
         ref = figures["reference"]
@@ -678,12 +740,17 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
         original = {**{k: ref[k] for k in ("top1", "topk", "loss", "macs", "params")},
                     **{k: figures[k] for k in ("k", "samples", "labeled")}}
         point = {"structure": structure, "method": method, "kind": kind, "fraction": fraction,
-                 **{k: figures[k] for k in SWEEP_FIGURES}, "changed": len(result.edits)}
+                 **{k: figures[k] for k in SWEEP_FIGURES}, "changed": len(result.edits), **steps,
+                 **({"latency": figures["latency"]} if "latency" in figures else {})}
         if layer is not None:
             point = {"layer": layer, **point, **_layer_change(result, layer)}
-        done[key] = point
+        done[key] = written[key] = point
         if on_point is not None:
             on_point(point, small, result, original)
+        if cache is not None:
+            cache.keep(point, small, result.edits, _history(result, history, cache.inputs))
+            cache.write(fingerprint, {**summarize(original, list(written.values()), config.within, config.per_layer,
+                                                  config.cost), "complete": False})
         if task is not None:
             progress.advance(task)
     if original is None:  # nothing new and no figures of the original known: evaluate it alone
@@ -691,8 +758,69 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
         original = {k: figures[k] for k in ("top1", "topk", "loss", "macs", "params", "k", "samples", "labeled")}
     points = [done[k] for k, _ in todo]
     computed = sum(k not in cached for k, _ in todo)
-    return {**summarize(original, points, config.within, config.per_layer), "computed": computed,
-            "reused": len(points) - computed}
+    out = {**summarize(original, points, config.within, config.per_layer, config.cost), "computed": computed,
+           "reused": len(points) - computed}
+    if cache is not None:
+        cache.write(fingerprint, {**out, "complete": True})
+        out = {"inputs": fingerprint, **out, "complete": True}
+    return out
+
+
+def _check_labels(dataset: Dataset, classes: int, what: str, labelled: str | None = None) -> None:
+    """Refuse, before any work, labels the model cannot predict, and with ``labelled`` (why labels are needed)
+    unlabelled samples."""
+    check_dataset_labels(dataset, classes, False, what)
+    labels = known_labels(dataset)
+    if labelled is not None and labels is not None and bool((labels == UNLABELED).any()):
+        raise RankcutError(f"{what} has unlabelled samples; {labelled}")
+
+
+def _history(result: ProjectResult | PruneResult, steps: list[tuple[str, dict]],
+             inputs: dict) -> list[tuple[str, dict]]:
+    """A kept point's history entries: ``project``'s as ``rankcut project`` writes it for the same point, then
+    the refit and fine-tuning steps, with the digests of the input files where the cache knows them."""
+    def short(key: str) -> str | None:
+        return inputs[key][:16] if inputs.get(key) else None
+
+    profile = {"profile": short("profile")} if inputs.get("profile") else {}
+    data = {"data": inputs.get("train_data")}
+    more = {"refit": {**data, "teacher": short("checkpoint")}, "finetune": data}
+    return [("project", {**result.history(), "stats": short("stats"), **profile}),
+            *((command, {**details, **more[command]}) for command, details in steps)]
+
+
+def _after_project(small: nn.Module, reference: nn.Module, contract: InputContract, dataset: Dataset,
+                   training: tuple[Dataset | None, Dataset | None], classes: int, config: SweepConfig,
+                   ctx: dist.Context, progress) -> tuple[dict, list[tuple[str, dict]]]:
+    """Refit and fine-tune a projected point as ``config`` asks, on ``training`` (the refit data, the training
+    data); per step, what it did and the top-1 before it (on the sweep's data), and the history entries a kept
+    checkpoint records."""
+    steps, history = {}, []
+    refit_data, train_set = training
+
+    def top1() -> float:
+        return evaluate_many([small], dataset, classes, device=ctx.device, batch_size=config.eval.batch_size,
+                             workers=config.eval.workers, ctx=ctx, progress=progress)[0]["top1"]
+
+    if config.refit:
+        before = top1()
+        refit_set = subset(refit_data, config.refit_samples, config.seed)
+        done = refit(small, reference, contract, refit_set, RefitConfig(batch_size=config.eval.batch_size,
+                                                                        workers=config.eval.workers),
+                     ctx=ctx, progress=progress)
+        steps["refit"] = {"top1_before": before, "samples": done.samples,
+                          "layers": sum(r.status == "refit" for r in done.layers)}
+        history.append(("refit", done.history()))
+    if config.finetune_epochs:
+        before = top1()
+        train = TrainConfig(epochs=config.finetune_epochs, batch_size=config.eval.batch_size, seed=config.seed,
+                            workers=config.eval.workers)
+        last = fit(small, train_set, train, ctx, classes=classes, progress=progress)[-1]
+        steps["finetune"] = {"top1_before": before, "epochs": config.finetune_epochs, "samples": len(train_set),
+                             "loss": last.loss, "train_top1": last.acc}
+        history.append(("finetune", {**train.to_dict(), "samples": len(train_set), "loss": last.loss,
+                                     "acc": last.acc}))
+    return steps, history
 
 
 def _layer_change(result: ProjectResult | PruneResult, layer: str) -> dict:

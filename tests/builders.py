@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 
 from rankcut.dist import Context
 from rankcut.files.checkpoint import load_with_meta, save
+from rankcut.files.fileio import file_digest
+from rankcut.files.profilefile import FORMAT
 from rankcut.model import archs
 from rankcut.model.archs import InputContract
 from rankcut.run.data import open_data
@@ -108,3 +111,21 @@ def pickled_payload(tmp_path: Path) -> tuple[Path, Path]:
     torch.save({"conv1.weight": torch.zeros(1), "payload": Payload(str(marker))}, weights)
     assert not marker.exists()
     return weights, marker
+
+
+def hand_profile(ckpt, tmp_path, conv1_pair_ms=2.0) -> str:
+    """A hand-made latency profile of the mnist-cnn checkpoint ``ckpt`` (written in ``tmp_path``), so the
+    budget's arithmetic can be checked exactly."""
+    def pair(sizes, ms):
+        return [{"size": k, "ms": m, "ratio": m, "q25": m, "q75": m} for k, m in zip(sizes, ms)]
+    layers = {
+        "conv1": {"ms": 1.0, "spread_ms": [1, 1], "candidates": {"pair": pair([1, 7], [conv1_pair_ms, conv1_pair_ms])}},
+        "conv2": {"ms": 10.0, "spread_ms": [10, 10], "candidates": {"pair": pair([1, 30, 52], [3.0, 6.0, 12.0])}},
+        "fc1": {"ms": 2.0, "spread_ms": [2, 2], "candidates": {"pair": pair([1, 126], [0.1, 2.5])}},
+    }
+    profile = {"format": FORMAT, "checkpoint": file_digest(ckpt), "device": "cpu", "threads": 1, "runtime": "torch",
+               "batch_size": 1, "torch": "x", "host": "h", "whole_ms": 14.0, "whole_spread_ms": [14, 14],
+               "others_ms": 0.5, "layers": layers}
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps(profile))
+    return str(path)

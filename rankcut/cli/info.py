@@ -12,7 +12,7 @@ from rankcut.files.checkpoint import load_with_meta, original_widths
 from rankcut.cli.console import Reporter
 from rankcut.errors import RankcutError, one_line
 from rankcut.model.edits import ChannelPrune
-from rankcut.model.layers import LowRank, is_target_type, out_width
+from rankcut.model.layers import LowRank, current_rank, is_target_type, out_width
 from rankcut.model.cost import count_macs, count_params, target_macs
 from rankcut.cli.options import Force, Json, Quiet
 from rankcut.cli.plots import check_plot, checkpoint_plot, spectra_plot
@@ -95,6 +95,20 @@ def checkpoint_info(path: str, report: Reporter) -> dict:
     return data
 
 
+def chosen_ranks(checkpoint: str, stats_path: str) -> dict[str, int]:
+    """The rank of every cut layer of ``checkpoint`` (a pair's k, a pruned producer's channels), which must have
+    been projected with the statistics at ``stats_path`` (a ``project`` step of its history records their
+    digest); layers left whole are not listed."""
+    model, meta = load_with_meta(checkpoint)
+    digest = file_digest(stats_path)[:16]
+    if not any(h.get("command") == "project" and h.get("stats") == digest for h in meta.history):
+        raise RankcutError(f"{checkpoint} was not projected with {stats_path} (no project step in its history used "
+                           "these statistics): give the checkpoint rankcut project wrote from them")
+    pruned = {e.producer for e in meta.edits if isinstance(e, ChannelPrune)}
+    return {name: current_rank(layer) for name, layer in model.named_modules()
+            if isinstance(layer, LowRank) or name in pruned}
+
+
 def info(file: Annotated[str, typer.Argument(help="A checkpoint (.safetensors) or statistics file (.npz).",
                                               show_default=False)],
          plot: Annotated[Optional[str], typer.Option("--plot", help=(
@@ -103,15 +117,21 @@ def info(file: Annotated[str, typer.Argument(help="A checkpoint (.safetensors) o
              "checkpoint, each layer's width before and after (a pair's rank, a pruned layer's kept channels) "
              "and its share of the MACs."),
              show_default=False)] = None,
+         checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help=(
+             "With a statistics file and --plot: a checkpoint rankcut project made from these statistics; "
+             "each layer's chosen rank is marked on the spectra."), show_default=False)] = None,
          force: Force = False, json_out: Json = False, quiet: Quiet = False) -> None:
     """Show a checkpoint (architecture, input, parameters, MACs, ranks, history) or a statistics file."""
     report = Reporter(quiet, json_out)
+    if checkpoint is not None and (plot is None or not file.endswith(".npz")):
+        raise RankcutError("--checkpoint marks chosen ranks on a statistics file's spectra: give S.npz and --plot")
     if file.endswith(".npz"):
         if plot is not None:
-            check_plot(plot, [file], force)
+            check_plot(plot, [file, checkpoint], force)
+        ranks = None if checkpoint is None else chosen_ranks(checkpoint, file)
         stats = stats_info(file, report)
         if plot is not None:
-            spectra_plot(stats, plot, title=f"{file}: output spectra")
+            spectra_plot(stats, plot, title=f"{file}: output spectra", ranks=ranks)
     else:
         if plot is not None:
             check_plot(plot, [file], force)

@@ -8,7 +8,9 @@ renderer (no pyplot: no global state, no display needed) and written atomically 
 
 from __future__ import annotations
 
+import io
 import os
+from html import escape
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from rankcut.errors import RankcutError
 from rankcut.files.fileio import atomic_write, check_output
 
 FORMATS = ("png", "svg")
+PAGE = "html"  # a sweep's frontier can also be one self-contained page, the figure inline beside the table
 INSTALL = "--plot needs matplotlib: pip install 'rankcut[plot]' (or: pip install matplotlib)"
 
 
@@ -28,11 +31,13 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
-def check_plot(path: str | os.PathLike, inputs: list, force: bool) -> None:
+def check_plot(path: str | os.PathLike, inputs: list, force: bool, html: bool = False) -> None:
     """Refuse, before any work, a plot rankcut cannot write: no matplotlib, another format, a bad folder."""
     suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix not in FORMATS:
-        raise RankcutError(f"--plot writes {' or '.join('.' + f for f in FORMATS)} (by its suffix), got {path}")
+    allowed = FORMATS + ((PAGE,) if html else ())
+    if suffix not in allowed:
+        raise RankcutError(f"--plot writes {', '.join('.' + f for f in allowed[:-1])} or .{allowed[-1]} (by its "
+                           f"suffix), got {path}")
     _figure()
     check_output(path, inputs, force)
 
@@ -45,34 +50,33 @@ def _save(figure, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
 
 
-def frontier_plot(result: dict, path: str | os.PathLike, title: str = "") -> None:
-    """Top-1 against the MACs ratio, a line per structure/method, the original as a reference line.
+COST_AXES = {"macs": "MACs, fraction of the original", "latency": "measured latency, ratio to the original"}
 
-    Pareto-optimal points are ringed; the recommendation (if any) is a star.
-    """
+
+def _frontier_axes(ax, result: dict, cost: str) -> None:
+    """Top-1 against ``cost``'s ratio on ``ax``: a line per structure/method, Pareto points ringed (as marked,
+    whichever cost marked them), the recommendation a star, the original a reference line."""
     from rankcut.run.frontier import label
 
-    figure = _figure(figsize=(6.4, 4.4))
-    ax = figure.add_subplot()
     lines: dict[str, list[dict]] = {}
     for p in result["points"]:
         lines.setdefault(label(p), []).append(p)
     for name, points in lines.items():
-        points = sorted(points, key=lambda p: p["ratios"]["macs"])
-        ax.plot([p["ratios"]["macs"] for p in points], [100 * p["top1"] for p in points], marker="o",
+        points = sorted(points, key=lambda p: p["ratios"][cost])
+        ax.plot([p["ratios"][cost] for p in points], [100 * p["top1"] for p in points], marker="o",
                 markersize=4, label=name)
     best = [p for p in result["points"] if p["pareto"]]
     if best:
-        ax.scatter([p["ratios"]["macs"] for p in best], [100 * p["top1"] for p in best], s=90, facecolors="none",
+        ax.scatter([p["ratios"][cost] for p in best], [100 * p["top1"] for p in best], s=90, facecolors="none",
                    edgecolors="black", linewidths=1, label="Pareto-optimal", zorder=3)
     rec = result.get("recommendation")
     if rec:
-        ax.scatter([rec["ratios"]["macs"]], [100 * rec["top1"]], marker="*", s=160, color="gold",
+        ax.scatter([rec["ratios"][cost]], [100 * rec["top1"]], marker="*", s=160, color="gold",
                    edgecolors="black", zorder=4, label=f"recommended (within {result['within']:g} pts)")
     original = 100 * result["original"]["top1"]
     ax.axhline(original, color="gray", linestyle="--", linewidth=1, label=f"original ({original:.2f}%)")
     ax.scatter([1.0], [original], color="gray", s=20, zorder=3)
-    ratios = [p["ratios"]["macs"] for p in result["points"]]
+    ratios = [p["ratios"][cost] for p in result["points"]]
     if ratios and min(ratios) < 0.1:  # budgets spanning decades: a log axis, so the cheap end is readable
         from matplotlib.ticker import FuncFormatter
 
@@ -80,24 +84,89 @@ def frontier_plot(result: dict, path: str | os.PathLike, title: str = "") -> Non
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.set_xlim(min(ratios) / 1.3, 1.3)
     else:
-        ax.set_xlim(0, 1.05)
-    ax.set_xlabel("MACs, fraction of the original")
+        ax.set_xlim(0, 1.05 * max(ratios + [1.0]))
+    ax.set_xlabel(COST_AXES[cost])
     ax.set_ylabel("top-1 (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="best")
+
+
+def frontier_figure(result: dict, title: str = ""):
+    """The frontier: top-1 against MACs, and beside it against the measured latency ratio when points were
+    timed (``sweep --measure-latency``)."""
+    costs = ["macs"] + (["latency"] if any("latency" in p["ratios"] for p in result["points"]) else [])
+    figure = _figure(figsize=(6.4 * len(costs), 4.4), layout="constrained")
+    for i, cost in enumerate(costs):
+        _frontier_axes(figure.add_subplot(1, len(costs), i + 1), result, cost)
     if title:
-        ax.set_title(title, fontsize="medium")
-    _save(figure, path)
+        figure.suptitle(title, fontsize="medium")
+    return figure
 
 
-def spectra_plot(stats, path: str | os.PathLike, title: str = "") -> None:
+def frontier_plot(result: dict, path: str | os.PathLike, title: str = "",
+                  table: tuple[list[str], list[list[str]], list[bool], str] | None = None) -> None:
+    """Write the frontier to ``path``: a .png or .svg, or a .html page with the figure inline (SVG) above
+    ``table`` (header, rows, Pareto marks, caption), all in one file that loads nothing else."""
+    figure = frontier_figure(result, title)
+    if Path(path).suffix.lower() != f".{PAGE}":
+        _save(figure, path)
+        return
+    page = _page(figure, title, *(table or ([], [], [], "")))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+
+
+def _page(figure, title: str, header: list[str], rows: list[list[str]], marks: list[bool], note: str) -> str:
+    """One HTML page: the figure as inline SVG and the table, Pareto rows in bold; nothing to fetch."""
+    from matplotlib.backends.backend_svg import FigureCanvasSVG
+
+    FigureCanvasSVG(figure)
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg"):]  # the inline element, without the XML declaration and doctype
+    cells = "".join(f"<th>{escape(h)}</th>" for h in header)
+    tags = {True: '<tr class="pareto">', False: "<tr>"}
+    body = "\n".join(tags[bool(mark)] + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>"
+                     for row, mark in zip(rows, marks))
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8"/>
+<title>{escape(title or "rankcut sweep")}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ padding: 0.2em 0.6em; border-bottom: 1px solid #ddd; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+tr.pareto {{ font-weight: bold; background: #f3f7ff; }}
+</style>
+</head>
+<body>
+<h1>{escape(title or "rankcut sweep")}</h1>
+{svg}
+<table>
+<thead><tr>{cells}</tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+<p>{escape(note)}; Pareto-optimal rows in bold</p>
+</body>
+</html>
+"""
+
+
+def spectra_figure(stats, ranks: dict[str, int] | None = None, title: str = ""):
     """Each measured layer's output-covariance spectrum and its PCA predicted loss against rank, on log scales.
 
     Left: eigenvalues over their sum, in descending order. Right: the variance a rank-k projection drops
     (the tail sum over the total, pca's predicted loss as a fraction), which is where each layer can be cut.
+    ``ranks`` (a projected checkpoint's, by layer) are marked on the right where each layer was cut: a layer
+    kept whole drops nothing and has no mark.
     """
     figure = _figure(figsize=(10, 4.2))
     left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    marks: list[tuple[int, float, str]] = []
     for name, s in stats.layers.items():
         values = torch.linalg.eigvalsh(s.moments.covariance).flip(0).clamp_min(0).double()
         total = values.sum().item()
@@ -105,9 +174,15 @@ def spectra_plot(stats, path: str | os.PathLike, title: str = "") -> None:
             continue
         share = (values / total).numpy()
         tail = (1 - torch.cumsum(values, 0) / total).clamp_min(0)[:-1].numpy()
-        ranks = range(1, len(share) + 1)
-        left.plot(list(ranks), share, linewidth=1, label=name)
-        right.plot(list(ranks)[:len(tail)], tail, linewidth=1, label=name)
+        ranks_axis = range(1, len(share) + 1)
+        left.plot(list(ranks_axis), share, linewidth=1, label=name)
+        (line,) = right.plot(list(ranks_axis)[:len(tail)], tail, linewidth=1, label=name)
+        k = (ranks or {}).get(name)
+        if k is not None and k <= len(tail):
+            marks.append((k, float(tail[k - 1]), line.get_color()))
+    if marks:
+        right.scatter([m[0] for m in marks], [m[1] for m in marks], c=[m[2] for m in marks], marker="D", s=36,
+                      edgecolors="black", zorder=3, label="chosen rank")
     left.set_yscale("log")
     right.set_yscale("log")
     left.set_xlabel("eigenvalue index")
@@ -120,7 +195,12 @@ def spectra_plot(stats, path: str | os.PathLike, title: str = "") -> None:
         right.legend(fontsize="x-small", loc="upper right")
     if title:
         figure.suptitle(title, fontsize="medium")
-    _save(figure, path)
+    return figure
+
+
+def spectra_plot(stats, path: str | os.PathLike, title: str = "", ranks: dict[str, int] | None = None) -> None:
+    """Write ``spectra_figure`` to a .png or .svg."""
+    _save(spectra_figure(stats, ranks, title), path)
 
 
 def checkpoint_plot(info: dict, path: str | os.PathLike, title: str = "") -> None:

@@ -1,13 +1,14 @@
 """The accuracy/cost frontier of a sweep (``api.sweep``): point keys, Pareto marks and the recommendation.
 
 A point is a dict with its key (``structure``, ``method`` (None for channels), ``kind``, ``fraction``, and
-``layer`` for a per-layer point), its ``top1`` and its ``ratios`` to the original (``macs``, ``params``), as
+``layer`` for a per-layer point), its ``top1`` and its ``ratios`` to the original (``macs``, ``params``, and
+``latency`` where it was measured), as
 ``api.sweep`` makes them. A per-layer sweep is not a frontier: its points are ordered by sensitivity.
 """
 
 from __future__ import annotations
 
-KINDS = ("keep", "macs", "params")  # latency budgets need a profile: not swept (yet)
+KINDS = ("keep", "macs", "params", "latency")  # latency: a budget in a profile's measured nanoseconds
 
 
 def point_key(point: dict) -> tuple:
@@ -27,22 +28,24 @@ def pareto(costs: list[float], accuracies: list[float]) -> list[bool]:
     return out
 
 
-def recommend(points: list[dict], original_top1: float, within: float) -> int | None:
-    """The index of the cheapest point (MACs, then top-1) within ``within`` top-1 points of the original."""
+def recommend(points: list[dict], original_top1: float, within: float, cost: str = "macs") -> int | None:
+    """The index of the cheapest point (``cost``'s ratio, then top-1) within ``within`` top-1 points of the
+    original."""
     floor = original_top1 - within / 100 - 1e-12
     fits = [i for i, p in enumerate(points) if p["top1"] >= floor]
-    return min(fits, key=lambda i: (points[i]["ratios"]["macs"], -points[i]["top1"]), default=None)
+    return min(fits, key=lambda i: (points[i]["ratios"][cost], -points[i]["top1"]), default=None)
 
 
-def summarize(original: dict, points: list[dict], within: float, per_layer: bool = False) -> dict:
-    """The points with their Pareto marks (top-1 vs MACs ratio) and the recommendation; for a per-layer sweep,
-    ``sensitivity``'s order instead (no marks, no recommendation)."""
+def summarize(original: dict, points: list[dict], within: float, per_layer: bool = False, cost: str = "macs") -> dict:
+    """The points with their Pareto marks (top-1 against ``cost``'s ratio to the original: ``macs``, or the
+    measured ``latency``) and the recommendation; for a per-layer sweep, ``sensitivity``'s order instead (no
+    marks, no recommendation)."""
     if per_layer:
         return sensitivity(original, points)
-    marks = pareto([p["ratios"]["macs"] for p in points], [p["top1"] for p in points])
+    marks = pareto([p["ratios"][cost] for p in points], [p["top1"] for p in points])
     points = [{**p, "pareto": m} for p, m in zip(points, marks)]
-    best = recommend(points, original["top1"], within) if points else None
-    return {"original": original, "within": within, "points": points,
+    best = recommend(points, original["top1"], within, cost) if points else None
+    return {"original": original, "within": within, "cost": cost, "points": points,
             "recommendation": None if best is None else points[best]}
 
 

@@ -151,6 +151,7 @@ COMMANDS = {
     "eval --reference": lambda ck, f, out: ["eval", f["ckpt"], "--reference", ck, "--data", "synthetic:8", *CPU],
     "sweep": lambda ck, f, out: ["sweep", ck, "--methods", "svd", "--keep", "0.5", "--data", "synthetic:8", *CPU,
                                  "-o", out],
+    "info --checkpoint": lambda ck, f, out: ["info", f["stats"], "--plot", out.with_suffix(".png"), "--checkpoint", ck],
 }
 
 

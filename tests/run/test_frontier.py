@@ -44,3 +44,16 @@ def test_sensitivity_orders_layers_by_their_largest_drop():
         ("b", 0.5), ("b", 0.25), ("a", 0.5), ("a", 0.25), ("c", 0.5), ("c", 0.25), ("a", 0.5)]
     assert round(result["points"][0]["change"], 6) == -0.2
     assert summarize({"top1": 0.90}, points, 1.0, per_layer=True) == result
+
+
+def test_the_cost_can_be_the_measured_latency():
+    """Cheap in MACs is not cheap in time: with ``cost="latency"`` the marks and the recommendation follow the
+    measured ratios."""
+    points = [_point(0.5, 0.90), _point(0.3, 0.90), _point(0.2, 0.85)]
+    for p, latency in zip(points, (0.6, 0.9, 0.95)):
+        p["ratios"]["latency"] = latency
+    by_macs, by_time = summarize({"top1": 0.90}, points, 1.0), summarize({"top1": 0.90}, points, 1.0, cost="latency")
+    assert [p["pareto"] for p in by_macs["points"]] == [False, True, True]
+    assert [p["pareto"] for p in by_time["points"]] == [True, False, False]
+    assert by_macs["recommendation"]["fraction"] == 0.3 and by_time["recommendation"]["fraction"] == 0.5
+    assert (by_macs["cost"], by_time["cost"]) == ("macs", "latency")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import hand_profile
 from cli_helpers import rankcut
 
 from rankcut.files.fileio import file_digest
@@ -42,23 +43,6 @@ def test_profile_records_its_conditions_and_the_parts_track_the_whole(mnist_ckpt
         assert c["ms"] == pytest.approx(c["ratio"] * conv2["modules"]["fc1"]["ms"])
 
 
-def _profile(ckpt, tmp_path, conv1_pair_ms=2.0) -> str:
-    """A hand-made profile of the mnist-cnn checkpoint, so the budget's arithmetic can be checked exactly."""
-    def pair(sizes, ms):
-        return [{"size": k, "ms": m, "ratio": m, "q25": m, "q75": m} for k, m in zip(sizes, ms)]
-    layers = {
-        "conv1": {"ms": 1.0, "spread_ms": [1, 1], "candidates": {"pair": pair([1, 7], [conv1_pair_ms, conv1_pair_ms])}},
-        "conv2": {"ms": 10.0, "spread_ms": [10, 10], "candidates": {"pair": pair([1, 30, 52], [3.0, 6.0, 12.0])}},
-        "fc1": {"ms": 2.0, "spread_ms": [2, 2], "candidates": {"pair": pair([1, 126], [0.1, 2.5])}},
-    }
-    profile = {"format": FORMAT, "checkpoint": file_digest(ckpt), "device": "cpu", "threads": 1, "runtime": "torch",
-               "batch_size": 1, "torch": "x", "host": "h", "whole_ms": 14.0, "whole_spread_ms": [14, 14],
-               "others_ms": 0.5, "layers": layers}
-    path = tmp_path / "hand.json"
-    path.write_text(json.dumps(profile))
-    return str(path)
-
-
 def _modelled_ns(rows) -> float:
     """The hand-made profile's cost model, recomputed here: 14 ms whole minus the targets' 13 ms, plus choices."""
     curves = {"conv1": ([1, 7], [2.0, 2.0]), "conv2": ([1, 30, 52], [3.0, 6.0, 12.0]), "fc1": ([1, 126], [0.1, 2.5])}
@@ -74,7 +58,7 @@ def _modelled_ns(rows) -> float:
 def test_latency_budget_never_exceeds_itself_in_the_profiles_cost_model(mnist_ckpt, tmp_path, fraction):
     out = tmp_path / "small.safetensors"
     result = rankcut("project", mnist_ckpt, "--method", "svd", "--latency", fraction, "--profile",
-                     _profile(mnist_ckpt, tmp_path), "-o", out, "--json")
+                     hand_profile(mnist_ckpt, tmp_path), "-o", out, "--json")
     rows = {r["layer"]: r for r in result["layers"]}
     assert _modelled_ns(result["layers"]) <= fraction * 14e6
     assert result["budget"]["achieved"] == pytest.approx(_modelled_ns(result["layers"]), abs=3)  # ns rounding
@@ -86,12 +70,12 @@ def test_latency_budget_never_exceeds_itself_in_the_profiles_cost_model(mnist_ck
 def test_keep_with_a_profile_leaves_slower_pairs_whole_and_says_why(mnist_ckpt, tmp_path):
     out = tmp_path / "small.safetensors"
     result = rankcut("project", mnist_ckpt, "--method", "svd", "--keep", "0.9", "--layers", "conv*", "--profile",
-                     _profile(mnist_ckpt, tmp_path), "-o", out, "--json")
+                     hand_profile(mnist_ckpt, tmp_path), "-o", out, "--json")
     rows = {r["layer"]: r for r in result["layers"]}
     # --keep 0.9: conv2 -> rank 58, past the timed range; conv1's pairs saving MACs stop at 7
     assert rows["conv2"]["new_rank"] == 64 and rows["conv1"]["new_rank"] == 32
     result = rankcut("project", mnist_ckpt, "--method", "svd", "--keep", "0.75", "--profile",
-                     _profile(mnist_ckpt, tmp_path), "-o", out, "--json")
+                     hand_profile(mnist_ckpt, tmp_path), "-o", out, "--json")
     rows = {r["layer"]: r for r in result["layers"]}
     assert rows["conv2"]["new_rank"] == 64  # rank 48: 6 + 6 x 18/22 = 10.9 ms > 10 ms
     assert rows["conv2"]["status"] == "whole: pair slower than the layer: 10.909 ms vs 10.000 ms"
@@ -101,7 +85,7 @@ def test_keep_with_a_profile_leaves_slower_pairs_whole_and_says_why(mnist_ckpt, 
 def test_macs_budget_with_a_profile_never_takes_a_slower_pair(mnist_ckpt, tmp_path):
     out = tmp_path / "small.safetensors"
     result = rankcut("project", mnist_ckpt, "--method", "svd", "--macs", "0.9", "--profile",
-                     _profile(mnist_ckpt, tmp_path), "-o", out, "--json")
+                     hand_profile(mnist_ckpt, tmp_path), "-o", out, "--json")
     rows = {r["layer"]: r for r in result["layers"]}
     assert rows["conv2"]["new_rank"] == 64 or rows["conv2"]["new_rank"] < 45
     assert rows["conv1"]["new_rank"] == 32
@@ -110,7 +94,7 @@ def test_macs_budget_with_a_profile_never_takes_a_slower_pair(mnist_ckpt, tmp_pa
 def test_stale_or_bad_profiles_are_one_line(mnist_ckpt, tmp_path):
     other = tmp_path / "other.safetensors"
     rankcut("init", "--arch", "rankcut:mnist-cnn", "--seed", "1", "-o", other)
-    hand = _profile(mnist_ckpt, tmp_path)
+    hand = hand_profile(mnist_ckpt, tmp_path)
     out = tmp_path / "o.safetensors"
     message = rankcut("project", other, "--method", "svd", "--latency", "0.5", "--profile", hand, "-o", out, fails=True)
     assert "measured on another checkpoint" in message
@@ -253,7 +237,7 @@ def test_calibrate_re_solves_until_the_measured_ratio_meets_the_budget(mnist_ckp
     monkeypatch.setattr(api, "compare_runtime", clock)
     out = tmp_path / "small.safetensors"
     result = rankcut("project", mnist_ckpt, "--method", "svd", "--latency", "0.5", "--profile",
-                     _profile(mnist_ckpt, tmp_path), "--calibrate", "4", "-o", out, "--json")
+                     hand_profile(mnist_ckpt, tmp_path), "--calibrate", "4", "-o", out, "--json")
     rounds = result["calibration"]
     nearest = min(rounds, key=lambda r: abs(r["measured"] - 0.5))
     assert rounds[0]["budget"] == 0.5 and 1 < len(rounds) <= 5
