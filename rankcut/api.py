@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -181,9 +181,9 @@ class ProjectConfig:
             raise RankcutError(f"--keep and --{self.budget.kind} are alternatives: give one")
         if self.keep is not None and not 0 < self.keep <= 1:
             raise RankcutError(f"--keep must be in (0, 1], got {self.keep}")
-        if self.structure != "pair" and self.budget is not None and self.budget.kind == "latency":
-            raise RankcutError(f"--latency budgets rank-k pairs (the profile times pairs); with --structure "
-                               f"{self.structure} use --macs or --params")
+        if self.structure == "auto" and self.budget is not None and self.budget.kind == "latency":
+            raise RankcutError("--latency budgets pairs or channels (the profile times both); with --structure auto "
+                               "use --macs or --params")
         if self.structure == "auto" and self.budget is None:
             raise RankcutError("--structure auto chooses each layer's structure under a budget: give --macs F or "
                                "--params F, not --keep")
@@ -259,23 +259,24 @@ def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, 
     With a latency ``profile`` of this model (``rankcut profile``), no layer becomes a pair the profile measured
     as no faster than the layer, whatever the budget; a ``latency`` budget needs one. With
     ``structure="channels"`` channels are removed instead (``compress.prune``; statistics from
-    ``StatsConfig(structure="channels")``).
+    ``StatsConfig(structure="channels")``), and a profile prices the chains' widths in measured time.
     """
     if config.structure != "pair":
         if stats is None:
             raise RankcutError(f"--structure {config.structure} needs --stats (made with: rankcut stats --structure "
                                "channels)")
-        if profile is not None:
-            raise RankcutError(f"--profile times rank-k pairs; it does not apply to --structure {config.structure}")
         budget = None if config.budget is None else (config.budget.kind, config.budget.fraction)
         layers, exclude = list(config.layers or []) or None, list(config.exclude or []) or None
         if config.structure == "auto":
+            if profile is not None:
+                raise RankcutError("--profile times pairs and channels one structure at a time; it does not apply "
+                                   "to --structure auto")
             targets = project_targets(model, contract, stats, config, where)
             chains, refused = fitting_chains(model, contract, stats, where, layers, exclude, required=False)
             return auto_model(model, contract, stats, targets, chains, refused, budget, config.options,
                               config.round_channels)
         return prune_model(model, contract, stats, keep=config.keep, budget=budget, layers=layers, exclude=exclude,
-                           where=where, step=config.round_channels)
+                           where=where, profile=profile, step=config.round_channels)
     method = config.entry
     if stats is None:
         method.check_stats(None)
@@ -294,7 +295,7 @@ def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, 
             chosen = [t for t in targets if t.name not in slower]
     else:
         kind = config.budget.kind
-        total = {"macs": macs_before, "params": params_before}.get(kind) or latency_total(profile, [t.name for t in targets])
+        total = {"macs": macs_before, "params": params_before}.get(kind) or latency_total(profile)
         plan = plan_budget(model, targets, layer_stats, method, kind, config.budget.fraction, total, per_before,
                            config.options, adjust=None if profile is None else timed_options(profile))
         ranks = plan.ranks
@@ -322,6 +323,87 @@ def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, 
         achieved = {"macs": macs_after, "params": params_after}.get(plan.kind) or plan.total
         result.budget = _budget_summary(plan, method, achieved)
     return result
+
+
+CALIBRATION_TOLERANCE = 0.02  # a measured latency ratio this close to the budget ends calibration
+
+
+@dataclass(frozen=True)
+class CalibrationRound:
+    """One closed-loop round: the fraction given to the allocator, its prediction, and the built model measured."""
+
+    budget: float
+    predicted: float
+    measured: float
+    measured_q25: float
+    measured_q75: float
+
+
+def predicted_latency(result: ProjectResult | PruneResult) -> float:
+    """The latency ratio a ``--latency`` plan predicts in its profile's cost model."""
+    if isinstance(result, PruneResult):
+        return result.totals["latency_ratio"]
+    return result.budget["achieved"] / result.budget["total_before"]
+
+
+def next_budget(rounds: list[CalibrationRound], target: float) -> float:
+    """The next fraction to give the allocator, so that the measured ratio meets ``target``.
+
+    Between the nearest rounds measured below and above the target once there are both (false position,
+    which keeps the answer bracketed), else a secant through the last two rounds, else a proportional step.
+    """
+    below = [r for r in rounds if r.measured < target]
+    above = [r for r in rounds if r.measured > target]
+    if below and above:
+        a, b = max(below, key=lambda r: r.measured), min(above, key=lambda r: r.measured)
+    elif len(rounds) > 1:
+        a, b = rounds[-2], rounds[-1]
+    else:
+        a, b = CalibrationRound(0.0, 0.0, 0.0, 0.0, 0.0), rounds[-1]  # the line through the origin
+    if a.measured == b.measured or (b.measured - a.measured) / (b.budget - a.budget or 1e-12) <= 0:
+        a = CalibrationRound(0.0, 0.0, 0.0, 0.0, 0.0)  # noise made the response fall: step proportionally
+        b = rounds[-1]
+    step = (target - a.measured) * (b.budget - a.budget) / (b.measured - a.measured)
+    return min(0.99, max(0.01, a.budget + step))
+
+
+def project_calibrated(model: nn.Module, contract: InputContract, stats: StatsFile | None, config: ProjectConfig,
+                       where: str = "the statistics", *, profile: Profile, rounds: int, seconds: float = 4.0
+                       ) -> tuple[nn.Module, ProjectResult | PruneResult, list[CalibrationRound]]:
+    """``project`` to a ``--latency`` budget, then measure and re-solve: a closed loop on the measured ratio.
+
+    Each round projects a copy of ``model`` (left as it is) with the current fraction, times it against
+    ``model`` as ``eval --latency`` does (runtime, threads and batch size of the profile), and takes a secant
+    step on the fraction toward the measured ratio asked for, up to ``rounds`` re-solves; it stops early
+    within ``CALIBRATION_TOLERANCE``. Returns the model measured nearest the budget, its result, and every
+    round. What the cost model misses (interactions between layers, the runtime's fusion) is corrected by
+    measurement; noise on the machine is not, which is why every round is reported.
+    """
+    if config.budget is None or config.budget.kind != "latency":
+        raise RankcutError("--calibrate re-solves a --latency budget; give --latency F")
+    target, fraction = config.budget.fraction, config.budget.fraction
+    device = torch.device(profile.device)
+    tried, best = [], None
+    for _ in range(rounds + 1):
+        small = copy.deepcopy(model)
+        try:
+            result = project(small, contract, stats, replace(config, budget=Budget("latency", fraction)), where,
+                             profile=profile)
+        except RankcutError:
+            if best is None:
+                raise
+            break  # the secant asked for a budget the allocator cannot meet: keep the best so far
+        timing = compare_runtime([small.to(device), model.to(device)], contract, profile.batch_size, device,
+                                 runtime=profile.runtime, threads=profile.threads, reference=1, max_seconds=seconds)[0]
+        small.cpu(), model.cpu()
+        tried.append(CalibrationRound(fraction, predicted_latency(result), timing["ratio"], timing["ratio_q25"],
+                                      timing["ratio_q75"]))
+        if best is None or abs(timing["ratio"] - target) < abs(best[2].measured - target):
+            best = (small, result, tried[-1])
+        if abs(timing["ratio"] - target) <= CALIBRATION_TOLERANCE:
+            break
+        fraction = next_budget(tried, target)
+    return best[0], best[1], tried
 
 
 def _with_unchanged(reports: list[LayerReport], model: nn.Module, targets: list[Target]) -> list[LayerReport]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from rankcut.api import Budget, ProjectConfig, project as project_model
+from rankcut.api import Budget, ProjectConfig, project as project_model, project_calibrated
 from rankcut.cli.console import Reporter
 from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed, Structure
 from rankcut.cli.tables import auto_table, channel_table
@@ -47,6 +48,10 @@ def project(
     profile_path: Annotated[Optional[str], typer.Option("--profile", help=(
         "A latency profile of this checkpoint (rankcut profile): with it, no layer is replaced by a pair it "
         "measured as no faster, in every mode; --latency needs it."))] = None,
+    calibrate: Annotated[int, typer.Option("--calibrate", help=(
+        "With --latency: build the model, time it against this checkpoint as eval --latency does (the profile's "
+        "runtime, threads and batch size), and re-solve with a corrected budget up to this many times (secant "
+        "steps); the model measured nearest the budget is written and every round reported."))] = 0,
     layers: Layers = None,
     exclude: Exclude = None,
     structure: Structure = "pair",
@@ -75,6 +80,9 @@ def project(
     check_output(output, [checkpoint, stats_path, profile_path], force)
     if latency is not None and profile_path is None:
         raise RankcutError(f"--latency needs --profile P.json (make one with: rankcut profile {checkpoint} -o P.json)")
+    if calibrate < 0 or calibrate and latency is None:
+        raise RankcutError(f"--calibrate takes a number of rounds (0 or more) with --latency, got {calibrate}"
+                           + ("" if latency is not None else " without --latency"))
     if stats_path is None and (config.entry.needs != "none" or structure != "pair"):
         needs, extra = {"channels": ("--structure channels", " --structure channels"),
                         "auto": ("--structure auto", " --grad kl --structure channels")}.get(
@@ -90,15 +98,24 @@ def project(
     if profile_path is not None:
         timing = load_profile(profile_path)
         check_profile(timing, checkpoint, profile_path)
-    result = project_model(model, meta.input, stats, config, where=stats_path or "the statistics", profile=timing)
+    rounds = []
+    if calibrate:
+        model, result, rounds = project_calibrated(model, meta.input, stats, config, stats_path or "the statistics",
+                                                   profile=timing, rounds=calibrate)
+        for i, r in enumerate(rounds):
+            report.log(f"calibration round {i}: budget {r.budget:.3f}, predicted {r.predicted:.3f}, measured "
+                       f"{r.measured:.3f} ({r.measured_q25:.3f}-{r.measured_q75:.3f})")
+    else:
+        result = project_model(model, meta.input, stats, config, where=stats_path or "the statistics", profile=timing)
     if structure == "pair" and result.budget and result.budget["note"]:
         report.warn(result.budget["note"])
     if structure == "pair" and not result.edits:
         report.warn("no layer changed: at these ranks no pair would save MACs")
     history = {**result.history(), "stats": None if stats_path is None else file_digest(stats_path)[:16],
-               **({} if profile_path is None else {"profile": file_digest(profile_path)[:16]})}
+               **({} if profile_path is None else {"profile": file_digest(profile_path)[:16]}),
+               **({"calibrate": calibrate, "measured": rounds[-1].measured} if rounds else {})}
     save(model, meta.with_edits(*result.edits).with_history("project", **history), output)
-    data = {"output": output, **result.to_dict()}
+    data = {"output": output, **result.to_dict(), **({"calibration": [asdict(r) for r in rounds]} if rounds else {})}
     tables = {"channels": channel_table, "auto": auto_table}
     report.result(data, tables[structure](data) if structure in tables else
                   _table(data["layers"], data["totals"], data["budget"]))

@@ -47,6 +47,9 @@ def channel_table(data: dict) -> Table:
     caption = (f"MACs {totals['macs_before']:,} -> {totals['macs_after']:,} (x{totals['macs_ratio']:.3f}), params "
                f"{totals['params_before']:,} -> {totals['params_after']:,} (x{totals['params_ratio']:.3f}); "
                f"predicted loss in {data['loss_units']}")
+    if "latency_ratio" in totals:
+        caption += (f"\nlatency in the profile's cost model {totals['latency_before_ns'] / 1e6:.3f} -> "
+                    f"{totals['latency_after_ns'] / 1e6:.3f} ms (x{totals['latency_ratio']:.3f})")
     table = Table("producer", "consumer", "channels", "predicted loss", "of consumer variance", "status",
                   title="channel pruning", title_justify="left", caption=caption, caption_justify="left")
     for r in data["chains"]:

@@ -11,12 +11,14 @@ producer or carried module it is), priced at the other chains' current widths. W
 pricing at full widths never undercounts: the first allocation always fits (with coarse ``--round-channels``
 steps it may not; then the fill below starts from every chain at its narrowest width). A few rounds then re-price
 at the chosen widths, the best allocation whose exact total fits is kept, and a greedy fill widens chains
-one channel at a time (exact costs) while the budget allows.
+one channel at a time (exact costs) while the budget allows. The same planning works in any currency a
+``Price`` gives per module (measured latency: ``compress.timed.chain_price``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,45 +88,57 @@ def kept_widths(channels: int, step: int = 1) -> np.ndarray:
     return np.append(np.arange(step, channels, step), channels)
 
 
-def chain_options(model: nn.Module, chain: Chain, loss: np.ndarray, owned: dict[str, Touch], widths: dict[str, int],
-                  full: dict[str, int], per_layer_macs: dict[str, int], step: int = 1) -> LayerOptions:
-    """The chain's menu of widths (``kept_widths``), each with the cost of the modules charged to it (others at
-    ``widths``)."""
+Price = Callable[[str, Touch, dict[str, int]], int]  # one module's cost with the chains at the given widths
+
+
+def counted_price(model: nn.Module, chains: list[Chain], kind: str, per_layer_macs: dict[str, int]) -> Price:
+    """The exact MACs or parameters (``kind``) of one resized module, as a ``Price``."""
+    full = {c.producer: c.channels for c in chains}
+    index = 0 if kind == "macs" else 1
+    return lambda name, touch, at: module_cost(get_module(model, name), name, touch, at, full, per_layer_macs)[index]
+
+
+def priced_total(chains: list[Chain], price: Price, widths: dict[str, int]) -> int:
+    """Summed price of every module the chains resize, at ``widths`` (missing: current width)."""
+    at = {**{c.producer: c.channels for c in chains}, **widths}
+    return sum(price(name, touch, at) for name, touch in touches(chains).items())
+
+
+def chain_options(chain: Chain, loss: np.ndarray, owned: dict[str, Touch], widths: dict[str, int], kind: str,
+                  price: Price, step: int = 1) -> LayerOptions:
+    """The chain's menu of widths (``kept_widths``), each with the ``kind`` cost of the modules charged to it
+    (others at ``widths``)."""
     ks = kept_widths(chain.channels, step)
-    macs, params = [], []
-    for k in ks:
-        at = {**widths, chain.producer: int(k)}
-        costs = [module_cost(get_module(model, n), n, t, at, full, per_layer_macs) for n, t in owned.items()]
-        macs.append(sum(c[0] for c in costs))
-        params.append(sum(c[1] for c in costs))
-    return LayerOptions(chain.producer, ks, np.array(macs, dtype=np.int64), np.array(params, dtype=np.int64),
-                        np.asarray(loss, dtype=np.float64)[ks])
+    costs = np.array([sum(price(n, t, {**widths, chain.producer: int(k)}) for n, t in owned.items()) for k in ks],
+                     dtype=np.int64)
+    by_kind = {"macs": np.zeros_like(costs), "params": np.zeros_like(costs), kind: costs}
+    return LayerOptions(chain.producer, ks, loss=np.asarray(loss, dtype=np.float64)[ks], **by_kind)
 
 
 def plan_widths(model: nn.Module, chains: list[Chain], losses: dict[str, np.ndarray], kind: str, fraction: float,
-                total_before: int, per_layer_macs: dict[str, int], step: int = 1) -> tuple[dict[str, int], int]:
+                total_before: int, per_layer_macs: dict[str, int], price: Price | None = None,
+                step: int = 1) -> tuple[dict[str, int], int]:
     """Widths minimising the summed loss with the model's exact total within ``fraction`` of ``total_before``.
 
     ``losses[producer][k]`` is the chain's loss at k = 0..C in one currency; widths are ``kept_widths(C, step)``.
-    Returns the widths and the exact total they give.
+    ``price`` gives each module's cost (default: the exact MACs or parameters, by ``kind``). Returns the widths
+    and the total they give.
     """
+    price = price or counted_price(model, chains, kind, per_layer_macs)
     full = {c.producer: c.channels for c in chains}
-    index = 0 if kind == "macs" else 1
-    resized_now = resized_cost(model, chains, {}, per_layer_macs)[index]
-    fixed = total_before - resized_now
+    fixed = total_before - priced_total(chains, price, {})
     budget = math.floor(fraction * total_before)
     charged = touches(chains)
     owned = {c.producer: {n: t for n, t in charged.items() if t.owner == c.producer} for c in chains}
     widths, best = dict(full), None
     for _ in range(ROUNDS):
-        options = [chain_options(model, c, losses[c.producer], owned[c.producer], widths, full, per_layer_macs, step)
-                   for c in chains]
+        options = [chain_options(c, losses[c.producer], owned[c.producer], widths, kind, price, step) for c in chains]
         try:
             choice, _ = allocate(options, kind, budget, fixed)
         except RankcutError:
             break
         chosen = {o.name: int(o.ranks[choice[o.name]]) for o in options}
-        total = fixed + resized_cost(model, chains, chosen, per_layer_macs)[index]
+        total = fixed + priced_total(chains, price, chosen)
         loss = sum(float(losses[p][k]) for p, k in chosen.items())
         if total <= budget and (best is None or loss < best[0]):
             best = (loss, chosen, total)
@@ -133,15 +147,15 @@ def plan_widths(model: nn.Module, chains: list[Chain], losses: dict[str, np.ndar
         widths = chosen
     if best is None:  # coarse --round-channels steps can defeat the pricing: widen from the narrowest instead
         narrowest = {c.producer: int(kept_widths(c.channels, step)[0]) for c in chains}
-        total = fixed + resized_cost(model, chains, narrowest, per_layer_macs)[index]
+        total = fixed + priced_total(chains, price, narrowest)
         if total > budget:
             raise RankcutError(f"no allocation of channels fits the budget of {budget:,} {kind}")
         best = (None, narrowest, total)
-    return _fill(model, chains, losses, best[1], best[2], fixed, budget, index, per_layer_macs, step)
+    return _fill(chains, losses, best[1], best[2], fixed, budget, price, step)
 
 
-def _fill(model, chains: list[Chain], losses: dict[str, np.ndarray], widths: dict[str, int], total: int, fixed: int,
-          budget: int, index: int, per_layer_macs: dict[str, int], step: int) -> tuple[dict[str, int], int]:
+def _fill(chains: list[Chain], losses: dict[str, np.ndarray], widths: dict[str, int], total: int, fixed: int,
+          budget: int, price: Price, step: int) -> tuple[dict[str, int], int]:
     """Spend what the allocation left: widen by one step the chain that buys the most loss per unit, at exact cost."""
     while True:
         best = None
@@ -152,7 +166,7 @@ def _fill(model, chains: list[Chain], losses: dict[str, np.ndarray], widths: dic
             if gain <= 0:
                 continue
             trial = {**widths, c.producer: wider}
-            cost = fixed + resized_cost(model, chains, trial, per_layer_macs)[index]
+            cost = fixed + priced_total(chains, price, trial)
             if cost <= budget and (best is None or gain / max(cost - total, 1) > best[0]):
                 best = (gain / max(cost - total, 1), trial, cost)
         if best is None:

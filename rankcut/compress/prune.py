@@ -16,7 +16,9 @@ from torch import nn
 
 from rankcut.compress.channel_budget import plan_widths, resized_cost
 from rankcut.compress.channels import Selection, prune_chain, select
+from rankcut.compress.timed import chain_latency, chain_price, latency_total
 from rankcut.errors import RankcutError
+from rankcut.files.profilefile import Profile
 from rankcut.files.statsfile import StatsFile
 from rankcut.model.contract import InputContract
 from rankcut.model.cost import count_macs, count_params
@@ -82,7 +84,7 @@ def fitting_chains(model: nn.Module, contract: InputContract, stats: StatsFile, 
 
 def _widths(model, chains: list[Chain], selections: dict[str, Selection], keep: float | None,
             budget: tuple[str, float] | None, totals: tuple[int, int], per_layer: dict[str, int],
-            step: int = 1) -> dict[str, int]:
+            profile: Profile | None, step: int = 1) -> dict[str, int]:
     if budget is None:
         return {c.producer: min(c.channels, step * max(1, int(keep * c.channels / step + 0.5))) for c in chains}
     kind, fraction = budget
@@ -90,24 +92,33 @@ def _widths(model, chains: list[Chain], selections: dict[str, Selection], keep: 
     for c in chains:  # one currency: the fraction of the consumer's input-driven output variance lost
         loss = selections[c.producer].loss.numpy()
         losses[c.producer] = loss / loss[0] if loss[0] > 0 else np.zeros_like(loss)
+    if kind == "latency":
+        if profile is None:
+            raise RankcutError("a --latency budget needs a latency profile of the checkpoint (rankcut profile)")
+        widths, _ = plan_widths(model, chains, losses, kind, fraction, latency_total(profile), per_layer,
+                                price=chain_price(profile, chains), step=step)
+        return widths
     widths, _ = plan_widths(model, chains, losses, kind, fraction, totals[0 if kind == "macs" else 1], per_layer,
-                            step)
+                            step=step)
     return widths
 
 
 def prune_model(model: nn.Module, contract: InputContract, stats: StatsFile, *, keep: float | None,
                 budget: tuple[str, float] | None, layers: list[str] | None = None, exclude: list[str] | None = None,
-                where: str = "the statistics", step: int = 1) -> PruneResult:
+                where: str = "the statistics", profile: Profile | None = None, step: int = 1) -> PruneResult:
     """Prune every selected chain of ``model`` (in place) to its width from ``keep`` or a (kind, fraction) budget.
 
-    Kept widths are multiples of ``step`` (``--round-channels``), or a chain's full width.
+    Kept widths are multiples of ``step`` (``--round-channels``), or a chain's full width. A ``latency`` budget
+    is spent in the measured times of ``profile`` (``compress.timed``); with a profile the totals also hold the
+    predicted latency ratio in its cost model.
     """
     chains, refused = fitting_chains(model, contract, stats, where, layers, exclude)
     macs_before, per_layer = count_macs(model, contract)
     params_before = count_params(model)
     with torch.no_grad():
         selections = {c.producer: select(model, c, stats.chains[c.producer].moments) for c in chains}
-    widths = _widths(model, chains, selections, keep, budget, (macs_before, params_before), per_layer, step)
+    widths = _widths(model, chains, selections, keep, budget, (macs_before, params_before), per_layer, profile,
+                     step)
     predicted = [a - b + c for a, b, c in zip((macs_before, params_before), resized_cost(model, chains, {}, per_layer),
                                                resized_cost(model, chains, widths, per_layer))]
     edits, rows = [], []
@@ -126,9 +137,12 @@ def prune_model(model: nn.Module, contract: InputContract, stats: StatsFile, *, 
     if [macs_after, params_after] != predicted:  # the cost model is exact; this guards the promise
         raise RankcutError(f"internal error: the pruned model has {macs_after:,} MACs and {params_after:,} parameters, "
                            f"the cost model predicted {predicted[0]:,} and {predicted[1]:,}; nothing written")
-    if budget is not None and (macs_after if budget[0] == "macs" else params_after) > budget[1] * (
-            macs_before if budget[0] == "macs" else params_before):
-        raise RankcutError("internal error: the pruned model is over the budget; nothing written")
     totals = {"macs_before": macs_before, "macs_after": macs_after, "macs_ratio": macs_after / macs_before,
               "params_before": params_before, "params_after": params_after, "params_ratio": params_after / params_before}
+    if profile is not None:
+        before, after = latency_total(profile), chain_latency(profile, chains, widths)
+        totals |= {"latency_before_ns": before, "latency_after_ns": after, "latency_ratio": after / before}
+    key = None if budget is None else "latency_{}_ns" if budget[0] == "latency" else budget[0] + "_{}"
+    if key is not None and totals[key.format("after")] > budget[1] * totals[key.format("before")]:
+        raise RankcutError("internal error: the pruned model is over the budget; nothing written")
     return PruneResult(keep, budget, edits, rows, refused, totals)

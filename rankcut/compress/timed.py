@@ -2,8 +2,17 @@
 
 With a profile (``rankcut profile``), a layer is never replaced by a pair that the profile measured as no
 faster than the layer itself, in any mode. A ``--latency F`` budget is solved by the same allocator as
-``--macs``: each option costs the profile's time for it (linear between the ranks timed) in integer
-nanoseconds, and the layers outside the choice cost the whole model's measured time minus the targets'.
+``--macs`` (pairs) or ``channel_budget.plan_widths`` (channels), in integer nanoseconds:
+
+- the whole model costs its measured whole, and the budget is F x that;
+- each part costs its profiled time times ``Profile.scale`` (1 unless the parts timed alone add up to more
+  than the whole), so the parts never add up to more than the whole;
+- what the choice does not touch (layers outside it, functional operations, residual adds) is a fixed
+  cost: the whole minus the scaled parts the choice replaces;
+- a pair costs its time, linear between the ranks timed; a module a chain resizes costs its time as it is
+  times its measured ratio at the kept width on each side (output channels from the chain it produces,
+  input channels from the chain it consumes): ``t(k_in, k_out) = t x r_in(k_in) x r_out(k_out)``, and a
+  producer adds its chain's path (BatchNorm, activations, pooling up to the consumer) at ``k_out``.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ import numpy as np
 from torch import nn
 
 from rankcut.compress.budget import LayerOptions
+from rankcut.compress.channel_budget import Price, Touch, priced_total, touches
 from rankcut.errors import RankcutError
-from rankcut.files.profilefile import PAIR, LayerProfile, Profile
+from rankcut.files.profilefile import PAIR, PATH, ChainProfile, LayerProfile, Profile
 from rankcut.model.edits import get_module
+from rankcut.model.graph import Chain
 from rankcut.model.layers import current_rank
 
 NS = 1e6  # nanoseconds per millisecond: costs are integers for the allocator
@@ -69,14 +80,59 @@ def timed_options(profile: Profile):
         lp = _layer(profile, o.name)
         times = [pair_ms(profile, o.name, int(k)) for k in o.ranks[:-1]] + [lp.ms]
         keep = [i for i, t in enumerate(times) if i == len(times) - 1 or (t is not None and t < lp.ms)]
-        ns = np.array([round(times[i] * NS) for i in keep], dtype=np.int64)
+        ns = np.array([round(times[i] * profile.scale * NS) for i in keep], dtype=np.int64)
         return replace(o, ranks=o.ranks[keep], macs=o.macs[keep], params=o.params[keep], loss=o.loss[keep], latency=ns)
 
     return adjust
 
 
-def latency_total(profile: Profile, names: list[str]) -> int:
-    """The profile's own cost model of the whole model now, in nanoseconds: the measured whole, or the targets'
-    sum when that is larger (so the rest never costs less than nothing)."""
-    targets = sum(_layer(profile, n).ms for n in names)
-    return round(max(profile.whole_ms, targets) * NS)
+def latency_total(profile: Profile) -> int:
+    """The whole model now in the profile's cost model, in nanoseconds: its measured whole."""
+    return round(profile.whole_ms * NS)
+
+
+def _chain(profile: Profile, chain: Chain) -> ChainProfile:
+    cp = profile.chains.get(chain.producer)
+    if cp is None:
+        raise RankcutError(f"the profile has no channel widths for chain {chain.producer}; rerun rankcut profile "
+                           "(it times every chain of a model torch.fx can trace)")
+    if (cp.consumer, cp.channels) != (chain.consumer, chain.channels) or \
+            set(cp.modules) - {PATH} != {chain.producer, chain.consumer}:
+        raise RankcutError(f"the profile's chain {chain.producer} ({cp.consumer}, {cp.channels} channels) is not the "
+                           f"checkpoint's ({chain.consumer}, {chain.channels} channels)")
+    return cp
+
+
+def chain_price(profile: Profile, chains: list[Chain]) -> Price:
+    """A ``channel_budget.Price`` in nanoseconds: a resized module's time at the chains' widths, scaled.
+
+    A producer also carries its chain's path (the operations up to the consumer, carried BatchNorms and
+    functional ones alike), so carried modules cost nothing of their own. The scale is the profile's, or
+    lower where the chains' parts with their paths would add up to more than the whole.
+    """
+    timed = {c.producer: _chain(profile, c) for c in chains}
+
+    def unscaled(name: str, touch: Touch, widths: dict[str, int]) -> float:
+        if touch.channelwise:
+            return 0.0
+        ms, ratio, path = None, 1.0, 0.0
+        for chain in (touch.out_of, touch.in_of):
+            if chain is not None:
+                cp = timed[chain]
+                ms = cp.modules[name].ms if ms is None else ms
+                ratio *= cp.modules[name].ratio_at(widths[chain], cp.channels)
+        if touch.out_of is not None and PATH in timed[touch.out_of].modules:
+            cp = timed[touch.out_of]
+            path = cp.modules[PATH].ms * cp.modules[PATH].ratio_at(widths[touch.out_of], cp.channels)
+        return ms * ratio + path
+
+    full = {c.producer: c.channels for c in chains}
+    now = sum(unscaled(n, t, full) for n, t in touches(chains).items())
+    scale = min(profile.scale, profile.whole_ms / now) if now > 0 else profile.scale
+    return lambda name, touch, widths: round(unscaled(name, touch, widths) * scale * NS)
+
+
+def chain_latency(profile: Profile, chains: list[Chain], widths: dict[str, int]) -> int:
+    """The whole model with ``chains`` at ``widths`` (missing: as they are) in the profile's cost model, in ns."""
+    price = chain_price(profile, chains)
+    return latency_total(profile) - priced_total(chains, price, {}) + priced_total(chains, price, widths)

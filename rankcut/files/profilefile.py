@@ -4,9 +4,16 @@ Top level: ``format`` (``rankcut-profile/1``), ``checkpoint`` (SHA-256 of the ch
 ``threads``, ``runtime``, ``batch_size``, ``torch`` (version), ``host``; ``whole_ms`` (the model as one
 piece) with ``whole_spread_ms``; ``others_ms`` (every leaf module that is not a target, each timed alone);
 and ``layers``: per target, ``ms`` (as it is, with its BatchNorm) and ``spread_ms``, and ``candidates``:
-per structure name (``pair``; other structures add their own key) a list of ``{"size", "ms", "ratio",
-"q25", "q75"}``, where ``ratio`` is the median pairwise ratio to the layer as it is and ``ms`` = ``ratio``
-x the layer's ``ms``. A profile is refused for any checkpoint other than the one it was measured on.
+per structure name (``pair``) a list of ``{"size", "ms", "ratio", "q25", "q75"}``, where ``ratio`` is the
+median pairwise ratio to the layer as it is and ``ms`` = ``ratio`` x the layer's ``ms``. Every part's ``ms``
+is its median pairwise ratio to the whole model, timed in the same comparison, times ``whole_ms``, so parts
+and whole are measured under the same load.
+
+``chains`` (optional; files without it have none): per channel chain, by producer name, ``consumer``,
+``channels`` and ``modules``: every module the chain resizes, with ``side`` (``out``: the producer and the
+modules carried between, which lose output channels; ``in``: the consumer, which loses inputs), ``ms`` (as it
+is) and ``candidates``, the same list of ``{"size", ...}`` with ``size`` the kept width. A profile is refused
+for any checkpoint other than the one it was measured on.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from rankcut.errors import RankcutError
 from rankcut.files.fileio import atomic_write, file_digest, require_file
 
 FORMAT = "rankcut-profile/1"
-PAIR = "pair"  # the structure name of rank-k pairs; a channel-pruning structure adds its own
+PAIR = "pair"  # the structure name of rank-k pairs
+PATH = "(path)"  # a chain's modules entry for the operations between producer and consumer, carried ones included
+SIDES = ("out", "in")  # how a chain resizes a module: its outputs (producer, carried) or its inputs (consumer)
 MAX_BYTES = 64 << 20
 
 
@@ -45,14 +54,43 @@ class LayerProfile:
 
     def time_at(self, structure: str, size: float) -> float:
         """Milliseconds of ``structure`` at ``size``, linear between the sizes timed (sizes outside: refused)."""
-        timed = self.candidates.get(structure, ())
-        if not timed or not timed[0].size <= size <= timed[-1].size:
-            raise RankcutError(f"the profile has no {structure} time at size {size}")
-        sizes = [c.size for c in timed]
-        for a, b in zip(timed, timed[1:]):
-            if a.size <= size <= b.size:
-                return a.ms + (b.ms - a.ms) * (size - a.size) / (b.size - a.size)
-        return timed[sizes.index(size)].ms
+        return _between(self.candidates.get(structure, ()), size, "ms", structure)
+
+
+def _between(timed: tuple[Candidate, ...], size: float, field_name: str, what: str) -> float:
+    """``field_name`` of the candidates at ``size``, linear between the sizes timed (outside them: refused)."""
+    if not timed or not timed[0].size <= size <= timed[-1].size:
+        raise RankcutError(f"the profile has no {what} time at size {size}")
+    for a, b in zip(timed, timed[1:]):
+        if a.size <= size <= b.size:
+            lo, hi = getattr(a, field_name), getattr(b, field_name)
+            return lo + (hi - lo) * (size - a.size) / (b.size - a.size)
+    return getattr(timed[0], field_name)
+
+
+@dataclass(frozen=True)
+class ModuleWidths:
+    """One module a chain resizes: which side, its time as it is, and its times at the kept widths timed."""
+
+    side: str
+    ms: float
+    candidates: tuple[Candidate, ...]
+
+    def ratio_at(self, width: int, channels: int) -> float:
+        """Time at ``width`` kept channels over the time as it is: linear between the widths timed, 1 at full."""
+        if width >= channels:
+            return 1.0
+        full = Candidate(channels, self.ms, 1.0, 1.0, 1.0)
+        return _between(self.candidates + (full,), width, "ratio", "channel width")
+
+
+@dataclass(frozen=True)
+class ChainProfile:
+    """One channel chain: its consumer and width, and every module it resizes, timed at a grid of widths."""
+
+    consumer: str
+    channels: int
+    modules: dict[str, ModuleWidths]
 
 
 @dataclass(frozen=True)
@@ -68,11 +106,22 @@ class Profile:
     whole_spread_ms: tuple[float, float]
     others_ms: float
     layers: dict[str, LayerProfile]
+    chains: dict[str, ChainProfile] = field(default_factory=dict)
 
     @property
     def parts_ms(self) -> float:
         """Every leaf timed alone, added up: targets as they are plus everything else."""
         return self.others_ms + sum(p.ms for p in self.layers.values())
+
+    @property
+    def scale(self) -> float:
+        """What the parts' times are multiplied by so that they never add up to more than the whole.
+
+        1 when the parts add up to less (the rest, functional operations such as ``F.relu`` or residual adds,
+        is then a fixed cost: the whole minus the parts); below 1 where each part alone pays an overhead the
+        whole does not (a small layer in its own ONNX Runtime session).
+        """
+        return min(1.0, self.whole_ms / self.parts_ms) if self.parts_ms > 0 else 1.0
 
     def describe(self) -> str:
         return (f"{self.runtime} on {self.device}, {self.threads} threads, batch {self.batch_size}, "
@@ -109,20 +158,41 @@ def _spread(value, what: str, path: str) -> tuple[float, float]:
 def _layer(name: str, d, path: str) -> LayerProfile:
     if not isinstance(d, dict) or not isinstance(d.get("candidates"), dict):
         raise RankcutError(f"{path}: layer {name!r} is not a layer profile")
-    candidates = {}
-    for structure, items in d["candidates"].items():
-        if not isinstance(items, list) or not all(isinstance(c, dict) for c in items):
-            raise RankcutError(f"{path}: {name}/{structure} must be a list of candidates")
-        try:
-            timed = tuple(Candidate(int(c["size"]), *(_number(c[k], f"{name} {k}", path) for k in
-                                                      ("ms", "ratio", "q25", "q75"))) for c in items)
-        except (KeyError, TypeError, ValueError):
-            raise RankcutError(f"{path}: a {structure} candidate of {name} lacks size, ms, ratio, q25 or q75") from None
-        if [c.size for c in timed] != sorted({c.size for c in timed}) or any(c.size < 1 for c in timed):
-            raise RankcutError(f"{path}: {name}/{structure} sizes must be positive and increasing")
-        candidates[str(structure)] = timed
+    candidates = {str(structure): _candidates(items, f"{name}/{structure}", path)
+                  for structure, items in d["candidates"].items()}
     return LayerProfile(_number(d.get("ms"), f"{name} ms", path, positive=True),
                         _spread(d.get("spread_ms"), f"{name} spread_ms", path), candidates)
+
+
+def _candidates(items, what: str, path: str) -> tuple[Candidate, ...]:
+    """A list of ``{"size", "ms", "ratio", "q25", "q75"}`` with positive increasing sizes."""
+    if not isinstance(items, list) or not all(isinstance(c, dict) for c in items):
+        raise RankcutError(f"{path}: {what} must be a list of candidates")
+    try:
+        timed = tuple(Candidate(int(c["size"]), *(_number(c[k], f"{what} {k}", path) for k in
+                                                  ("ms", "ratio", "q25", "q75"))) for c in items)
+    except (KeyError, TypeError, ValueError):
+        raise RankcutError(f"{path}: a candidate of {what} lacks size, ms, ratio, q25 or q75") from None
+    if [c.size for c in timed] != sorted({c.size for c in timed}) or any(c.size < 1 for c in timed):
+        raise RankcutError(f"{path}: {what} sizes must be positive and increasing")
+    return timed
+
+
+def _chain(producer: str, d, path: str) -> ChainProfile:
+    if not isinstance(d, dict) or not isinstance(d.get("consumer"), str) or not isinstance(d.get("modules"), dict):
+        raise RankcutError(f"{path}: chain {producer!r} is not a chain profile (consumer, channels, modules)")
+    channels = d.get("channels")
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise RankcutError(f"{path}: chain {producer!r} channels must be a positive integer")
+    modules = {}
+    for name, m in d["modules"].items():
+        if not isinstance(m, dict) or m.get("side") not in SIDES:
+            raise RankcutError(f"{path}: module {name!r} of chain {producer!r} needs a side ({' or '.join(SIDES)})")
+        timed = _candidates(m.get("candidates"), f"{producer}/{name}", path)
+        if timed and timed[-1].size >= channels:
+            raise RankcutError(f"{path}: {producer}/{name} widths must be below the chain's {channels} channels")
+        modules[str(name)] = ModuleWidths(m["side"], _number(m.get("ms"), f"{name} ms", path, positive=True), timed)
+    return ChainProfile(d["consumer"], channels, modules)
 
 
 def load_profile(path: str | os.PathLike) -> Profile:
@@ -140,15 +210,18 @@ def load_profile(path: str | os.PathLike) -> Profile:
         texts = {k: d[k] for k in ("checkpoint", "device", "runtime", "torch", "host")}
         ints = {k: d[k] for k in ("threads", "batch_size")}
         layers = d["layers"]
+        chains = d.get("chains", {})
     except KeyError as e:
         raise RankcutError(f"{path}: missing {e.args[0]!r}") from None
     if not all(isinstance(v, str) for v in texts.values()) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints.values()) or not isinstance(layers, dict):
-        raise RankcutError(f"{path}: malformed header (texts, positive integers, a layers object)")
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ints.values()) or not isinstance(layers, dict) \
+            or not isinstance(chains, dict):
+        raise RankcutError(f"{path}: malformed header (texts, positive integers, layers and chains objects)")
     return Profile(**texts, **ints, whole_ms=_number(d.get("whole_ms"), "whole_ms", path, positive=True),
                    whole_spread_ms=_spread(d.get("whole_spread_ms"), "whole_spread_ms", path),
                    others_ms=_number(d.get("others_ms"), "others_ms", path),
-                   layers={str(n): _layer(n, v, path) for n, v in layers.items()})
+                   layers={str(n): _layer(n, v, path) for n, v in layers.items()},
+                   chains={str(n): _chain(n, v, path) for n, v in chains.items()})
 
 
 def check_profile(profile: Profile, checkpoint: str | os.PathLike, path: str | os.PathLike) -> None:

@@ -253,3 +253,29 @@ def select_chains(chains: list[Chain], layers: list[str] | None, exclude: list[s
     """The chains whose producer matches the ``--layers`` globs (default all) and no ``--exclude`` glob."""
     return [c for c in chains if any(fnmatch.fnmatchcase(c.producer, p) for p in layers or ["*"])
             and not any(fnmatch.fnmatchcase(c.producer, p) for p in exclude or [])]
+
+
+def chain_path(gm: fx.GraphModule, chain: Chain, modules: dict[str, nn.Module]) -> fx.GraphModule | None:
+    """The operations between ``chain``'s producer and consumer as a module of their own (None when there are none).
+
+    Its input is the producer's output, its output the consumer's input; ``modules`` supplies the modules it
+    calls by name (a caller timing narrower widths passes narrowed carried modules). Functional operations
+    such as ``F.relu`` or ``max_pool2d`` are in it, so their time shrinks with the chain's width.
+    """
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    start, end = nodes[chain.producer], nodes[chain.consumer]
+    graph = fx.Graph()
+    env = {start: graph.placeholder("x")}
+
+    def copy(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node.op == "placeholder":
+                raise RankcutError(f"the path from {chain.producer} to {chain.consumer} reads the model's input")
+            env[node] = graph.node_copy(node, copy)
+        return env[node]
+
+    last = end.args[0]
+    if last is start:
+        return None
+    graph.output(copy(last))
+    return fx.GraphModule(modules, graph)
