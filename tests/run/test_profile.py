@@ -160,13 +160,16 @@ def channel_files(tmp_path_factory):
     return ckpt, tmp / "s.npz"
 
 
-@pytest.mark.parametrize("whole_ms, fraction", [(14.0, 0.5), (14.0, 0.35), (14.0, 0.8), (8.0, 0.5)])
+@pytest.mark.parametrize("whole_ms, fraction, step", [(14.0, 0.5, 1), (14.0, 0.35, 1), (14.0, 0.8, 1), (8.0, 0.5, 1),
+                                                       (14.0, 0.5, 4)])
 def test_channel_latency_budget_never_exceeds_itself_in_the_profiles_cost_model(channel_files, tmp_path, whole_ms,
-                                                                                 fraction):
+                                                                                 fraction, step):
     ckpt, stats = channel_files
     result = rankcut("project", ckpt, "--stats", stats, "--structure", "channels", "--latency", fraction, "--profile",
-                     _chain_profile(ckpt, tmp_path, whole_ms), "-o", tmp_path / "c.safetensors", "--json")
+                     _chain_profile(ckpt, tmp_path, whole_ms), "--round-channels", step, "-o",
+                     tmp_path / "c.safetensors", "--json")
     widths = {r["producer"]: r["kept"] for r in result["chains"]}
+    assert all(k % step == 0 or k == CHANNELS[p] for p, k in widths.items()), widths
     modelled = _chain_model_ms(widths, whole_ms) * 1e6
     totals = result["totals"]
     assert totals["latency_after_ns"] == pytest.approx(modelled, abs=10)  # one ns of rounding per module
