@@ -27,7 +27,8 @@ from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budg
 from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
 from rankcut.compress.project import LayerReport, project_model
 from rankcut.compress.refit import (LayerRefit, batchnorms_after_change, layer_sums, reestimate_batchnorm,
-                                    refit_one, refit_targets)
+                                    refit_one, refit_targets, teacher_cache_fits,
+                                    teacher_outputs)
 from rankcut.compress.prune import PruneResult, fitting_chains, prune_model
 from rankcut.compress.timed import latency_total, never_faster, slower_pairs, timed_options
 from rankcut.errors import RankcutError
@@ -440,9 +441,12 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
     targets, skipped = ([], {}) if config.bn_only else refit_targets(model, teacher, contract, config.every)
     norms = batchnorms_after_change(model, teacher, contract)
     reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics"))
+    taught = None  # the teacher's outputs at every target, from one pass, where they fit in memory
+    if targets and teacher_cache_fits(teacher, targets, contract, len(batches.dataset)):
+        taught = teacher_outputs(teacher, targets, batches, ctx, stage("teacher outputs"))
     reports = []
     for target in targets:
-        sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"))
+        sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"), taught=taught)
         reports.append(refit_one(model, target, sums, config.damping, config.rounds))
     if any(r.status == "refit" for r in reports) and norms:
         reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics, after the refits"))
