@@ -264,8 +264,10 @@ def _hooked(model: nn.Module, names, make) -> list:
 
 
 def teacher_cache_fits(teacher: nn.Module, targets: list[RefitTarget], contract: InputContract, samples: int,
-                       limit: int = CACHE_BYTES) -> bool:
-    """Whether the teacher's outputs at every target's capture, for ``samples`` samples, fit in ``limit`` bytes."""
+                       limit: int | None = None) -> bool:
+    """Whether the teacher's outputs at every target's capture, for ``samples`` samples, fit in ``limit`` bytes
+    (default ``CACHE_BYTES``)."""
+    limit = CACHE_BYTES if limit is None else limit
     sizes: dict[str, int] = {}
 
     def measure(name):
