@@ -56,6 +56,10 @@ def epoch(checkpoint: Path, out: Path) -> tuple[float, float]:
     return accuracy(out), seconds
 
 
+def figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
     """Every row of one architecture, and its base's top-1."""
     name = arch.split(":")[1]
@@ -79,15 +83,17 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
                              "--device", "cpu", "-o", sequential, "--force")
             row = {"arch": arch, "fraction": fraction, "method": method, "projected": accuracy(small),
                    "sequential": accuracy(sequential), "sequential_s": seq_s}
-            row["tuned"], row["epoch_s"] = epoch(small, work / f"{tag}.tuned.safetensors")
+            if not args.no_finetune:
+                row["tuned"], row["epoch_s"] = epoch(small, work / f"{tag}.tuned.safetensors")
             for n in args.refit_samples:
                 out = work / f"{tag}.refit{n}.safetensors"
                 _, row[f"refit_s_{n}"] = timed("refit", small, "--teacher", base, "--data", TRAIN, "--samples",
                                                n, "--device", "cpu", "-o", out, "--force")
                 row[f"refit_{n}"] = accuracy(out)
             most = max(args.refit_samples)
-            row["refit_tuned"], _ = epoch(work / f"{tag}.refit{most}.safetensors",
-                                          work / f"{tag}.refit{most}.tuned.safetensors")
+            if not args.no_finetune:
+                row["refit_tuned"], _ = epoch(work / f"{tag}.refit{most}.safetensors",
+                                              work / f"{tag}.refit{most}.tuned.safetensors")
             rows.append(row)
             log(f"{tag}: {row}")
     return rows, top1
@@ -103,6 +109,7 @@ def main() -> None:
     p.add_argument("--refit-samples", nargs="+", type=int, default=[256, 1024])
     p.add_argument("--samples", type=int, default=1000, help="Training images for the statistics (and --sequential).")
     p.add_argument("--base-epochs", type=int, default=2)
+    p.add_argument("--no-finetune", action="store_true", help="Skip the fine-tune epochs (their columns show -).")
     args = p.parse_args()
     started = time.perf_counter()
     start_load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -123,13 +130,16 @@ def main() -> None:
                   f"{args.base_epochs} epochs; stats on {args.samples} images (--grad kl); one fine-tune epoch: "
                   "4,000 images, batch 64", title_justify="left")
     for r in rows:
+        if args.no_finetune:
+            r.update(tuned=None, refit_tuned=None, epoch_s=None)
         gap = tops[r["arch"]] - r["projected"]
         closed = f"{(r[f'refit_{least}'] - r['projected']) / gap:.0%}" if gap > 0 else "no gap"
         table.add_row(r["arch"].split(":")[1], f"{100 * r['fraction']:.3g}%", r["method"], f"{r['projected']:.4f}",
                       f"{r['sequential']:.4f}", *(f"{r[f'refit_{n}']:.4f}" for n in args.refit_samples), closed,
-                      f"{r['tuned']:.4f}", f"{r['refit_tuned']:.4f}",
-                      *(f"{r[f'refit_s_{n}']:.1f}" for n in args.refit_samples), f"{r['epoch_s']:.1f}",
-                      f"{r['sequential_s']:.1f}", *(f"{r[f'refit_s_{n}'] / r['epoch_s']:.2f}" for n in args.refit_samples))
+                      figure(r["tuned"], ".4f"), figure(r["refit_tuned"], ".4f"),
+                      *(f"{r[f'refit_s_{n}']:.1f}" for n in args.refit_samples), figure(r["epoch_s"], ".1f"),
+                      f"{r['sequential_s']:.1f}",
+                      *(figure(r["epoch_s"] and r[f"refit_s_{n}"] / r["epoch_s"], ".2f") for n in args.refit_samples))
     show(table)
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     Console(width=160).print(f"{machine()}; whole run {time.perf_counter() - started:.0f} s; load average at the end "
