@@ -466,7 +466,8 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
           config: RefitConfig, *, ctx: dist.Context | None = None, progress=None) -> RefitResult:
     """Refit ``model``'s compressed layers in place so each matches ``teacher``'s output there (``compress.refit``).
 
-    One pass over ``dataset`` per refitted layer (both models, each stopped at that layer), plus one pass
+    One pass over ``dataset`` per refitted layer (the compressed model, stopped at that layer; the teacher's
+    outputs at every layer from one pass of its own where they fit in ``compress.refit.CACHE_BYTES``), plus one pass
     before and one after to re-estimate the unfolded BatchNorms downstream of the first change. With
     ``bn_only`` only the BatchNorms (``teacher`` may then be None: all BatchNorms). Under torchrun each process
     takes a shard and the sums are combined exactly, so every process computes the same weights.

@@ -23,7 +23,8 @@ kept as its n rows instead (the dual form: n x P, not P x P), and the same maps 
 ``B A'^-1 = Y' (X X' + delta I)^-1 X`` on centred rows (the bias is not damped), ``G A' G'`` from ``X G'``
 (a linear layer reading 9,216 features refitted on 256 samples: a 256^2 solve instead of a 9,217^2 one).
 The memory is that of one layer's ``A`` or rows at a time (P^2 float64: 170 MB for a 3x3 conv reading 512
-channels); the time is one forward pass of both models per refitted layer, each stopped at that layer.
+channels); the time is one forward pass of the compressed model per refitted layer, stopped at that layer,
+and one of the teacher for all layers (its outputs kept while they fit in ``CACHE_BYTES``, else one per layer).
 BatchNorm layers left unfolded downstream of the first change get their running statistics re-estimated
 (exact population mean and variance of their inputs over the data) before and after the refits.
 """
