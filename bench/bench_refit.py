@@ -13,6 +13,11 @@ refit's wall time is compared with.
 
     python bench/bench_refit.py [--work DIR] [--archs rankcut:mnist-cnn torchvision:resnet18]
         [--fractions 0.25 0.125 0.0625 0.03125] [--refit-samples 256 1024]
+    python bench/bench_refit.py --alternate SMALL BASE [--rounds 3]
+
+``--alternate`` only times ``refit SMALL --teacher BASE`` (256 samples) against one ``finetune`` epoch of SMALL,
+alternated round by round with one torch thread, in CPU seconds (the work done, which preemption by other
+jobs does not change) and wall seconds, after one ``eval`` has paid the imports for both.
 
 Every step is the rankcut CLI run in this process (``--json``), so the numbers are what a user gets.
 """
@@ -21,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -99,6 +106,32 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
     return rows, top1
 
 
+def alternate(small: str, base: str, rounds: int) -> None:
+    """Refit (256 samples) against one fine-tune epoch, alternated, in CPU and wall seconds (one thread)."""
+    torch.set_num_threads(1)
+    rankcut("eval", small, "--data", TEST, "--device", "cpu")  # imports and first calls: paid by neither side
+    commands = {"refit 256": ("refit", small, "--teacher", base, "--data", TRAIN, "--samples", 256),
+                "1 epoch": ("finetune", small, "--data", TRAIN, "--epochs", 1, "--batch-size", 64, "--seed", 0)}
+    seconds = {name: [] for name in commands}
+    loads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for name, args in commands.items():
+                cpu, wall = time.process_time(), time.perf_counter()
+                rankcut(*args, "--device", "cpu", "-o", Path(tmp) / "out.safetensors", "--force")
+                seconds[name].append((time.process_time() - cpu, time.perf_counter() - wall))
+                loads.append(os.getloadavg()[0])
+    table = Table("", "CPU s (median)", "wall s (median)", "CPU s, each round", title=f"refit against one epoch of "
+                  f"{small}, alternated, 1 thread", title_justify="left",
+                  caption=f"load average (1 min) {min(loads):.1f}-{max(loads):.1f}", caption_justify="left")
+    medians = {name: [statistics.median(x[i] for x in runs) for i in (0, 1)] for name, runs in seconds.items()}
+    for name, runs in seconds.items():
+        table.add_row(name, f"{medians[name][0]:.2f}", f"{medians[name][1]:.2f}", ", ".join(f"{c:.2f}" for c, _ in runs))
+    (rc, rw), (ec, ew) = medians["refit 256"], medians["1 epoch"]
+    table.add_row("ratio", f"{rc / ec:.2f}", f"{rw / ew:.2f}", "")
+    show(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--work", help="Folder for the checkpoints (default: a temporary one); a trained base there is "
@@ -110,7 +143,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1000, help="Training images for the statistics (and --sequential).")
     p.add_argument("--base-epochs", type=int, default=2)
     p.add_argument("--no-finetune", action="store_true", help="Skip the fine-tune epochs (their columns show -).")
+    p.add_argument("--alternate", nargs=2, metavar=("SMALL", "BASE"), help="Only time refit against an epoch.")
+    p.add_argument("--rounds", type=int, default=3, help="With --alternate: rounds of refit then epoch.")
     args = p.parse_args()
+    if args.alternate:
+        alternate(*args.alternate, args.rounds)
+        return
     started = time.perf_counter()
     start_load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     rows, tops = [], {}
