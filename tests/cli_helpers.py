@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import torch
 from typer.testing import CliRunner
 
 from rankcut.cli import app
@@ -69,9 +71,6 @@ def launch(*args, nproc: int = 1, env: dict | None = None) -> subprocess.Complet
 def random_digits_setup(folder) -> tuple:
     """A random ``rankcut:mnist-cnn`` (seed 0), 37 seeded random digits (uneven shards and batches of 5 under
     torchrun) and their statistics, made by the CLI in ``folder``: ``(checkpoint, statistics, data options)``."""
-    import numpy as np  # noqa: PLC0415 (only the torchrun tests need these)
-    import torch  # noqa: PLC0415
-
     base, stats = folder / "base.safetensors", folder / "s.npz"
     assert launch("init", "--arch", "rankcut:mnist-cnn", "--seed", "0", "-o", base).returncode == 0
     np.savez(folder / "data.npz", x=torch.rand(37, 1, 28, 28, generator=torch.Generator().manual_seed(0)).numpy())

@@ -109,7 +109,7 @@ def test_the_second_layer_basis_is_the_pca_of_its_output_on_the_projected_upstre
     with torch.no_grad():
         z = upstream.fc2(torch.relu(upstream.fc1(data.tensors[0].flatten(1)))).double()
     mean = z.mean(0)
-    values, vectors = torch.linalg.eigh(torch.cov(z.T, correction=0))
+    _, vectors = torch.linalg.eigh(torch.cov(z.T, correction=0))
     top = vectors[:, -2:]  # keep 0.25 of 8: rank 2
     pair = sequential.fc2
     up, down = pair.up.weight.detach().double(), pair.down.weight.detach().double()
