@@ -28,8 +28,10 @@ from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budg
 from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
 from rankcut.compress.project import LayerReport, project_model
 from rankcut.compress.refit import (LayerRefit, batchnorms_after_change, layer_sums, reestimate_batchnorm,
-                                    refit_one, refit_targets)
+                                    refit_one, refit_targets, teacher_cache_fits,
+                                    teacher_outputs)
 from rankcut.compress.prune import PruneResult, fitting_chains, prune_model
+from rankcut.compress.sequential import project_sequential
 from rankcut.compress.timed import latency_total, never_faster, slower_pairs, timed_options
 from rankcut.errors import RankcutError
 from rankcut.files.profilefile import Profile
@@ -83,6 +85,13 @@ def _check_loading(batch_size: int, workers: int) -> None:
         raise RankcutError(f"--workers must be 0 or more, got {workers}")
 
 
+def _check_shards(dataset: Dataset, ctx: dist.Context) -> None:
+    """Every process checks, so all stop together (and rank 0 says why) when some would get no sample."""
+    if len(dataset) < ctx.world:
+        raise RankcutError(f"the data has {len(dataset)} sample(s), fewer than the {ctx.world} processes torchrun "
+                           "started: give every process at least one (more data or a smaller --nproc_per_node)")
+
+
 def _stages(progress, total: int):
     """``stage(name)`` adds a progress task of ``total`` steps and returns the callback that advances it."""
 
@@ -105,9 +114,7 @@ def collect_stats(model: nn.Module, contract: InputContract, dataset: Dataset, c
     """
     ctx = ctx or dist.Context(0, 1, next(model.parameters()).device)
     targets = select(model, contract, list(config.layers or []) or None, list(config.exclude or []) or None)
-    if len(dataset) < ctx.world:  # every process checks, so all stop together and rank 0 says why
-        raise RankcutError(f"the data has {len(dataset)} sample(s), fewer than the {ctx.world} processes torchrun "
-                           "started: give every process at least one (more data or a smaller --nproc_per_node)")
+    _check_shards(dataset, ctx)
     batches = loader(shard(dataset, ctx.rank, ctx.world), config.batch_size, config.workers)
     stage = _stages(progress, len(batches))
 
@@ -160,6 +167,9 @@ class ProjectConfig:
     producer -> consumer chains and the consumer refitted; ``method`` is not used) or ``auto`` (each layer
     whole, a fisher pair or channel-pruned, chosen jointly under a budget: ``compress.auto``).
     ``round_channels``: kept channel counts are multiples of it (``channels`` and ``auto``).
+    ``sequential``: each layer's basis from statistics measured on the model with the layers before it already
+    projected (one pass over the data per layer, ``batch_size`` and ``workers`` as in ``stats``); the ranks are
+    decided first, from the statistics file as without it (pairs only).
     """
 
     method: str = "pca"
@@ -171,9 +181,16 @@ class ProjectConfig:
     seed: int = 0
     structure: str = "pair"
     round_channels: int = 1
+    sequential: bool = False
+    batch_size: int = 64
+    workers: int = 0
 
     def __post_init__(self):
         check_structure(self.structure, PROJECT_STRUCTURES)
+        if self.sequential and self.structure != "pair":
+            raise RankcutError("--sequential re-measures the bases of rank-k pairs; --structure "
+                               f"{self.structure} is not supported with it")
+        _check_loading(self.batch_size, self.workers)
         method = get_method(self.method)
         if self.keep is None and self.budget is None:
             raise RankcutError("say how much to keep: --keep F, --macs F, --params F or --latency F")
@@ -227,6 +244,7 @@ class ProjectResult:
     def history(self) -> dict:
         """The checkpoint history entry's details (the ``project`` command adds the statistics digest)."""
         how = {"keep": self.config.keep} if self.allocation is None else {self.allocation.kind: self.allocation.fraction}
+        how.update({"sequential": True} if self.config.sequential else {})
         return {"method": self.config.method, **how, "layers": sum(r.status == "projected" for r in self.layers)}
 
     def to_dict(self) -> dict:
@@ -252,14 +270,20 @@ def project_targets(model: nn.Module, contract: InputContract, stats: StatsFile 
 
 
 def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, config: ProjectConfig,
-            where: str = "the statistics", *, profile: Profile | None = None
-            ) -> ProjectResult | PruneResult | AutoResult:
+            where: str = "the statistics", *, profile: Profile | None = None, dataset: Dataset | None = None,
+            ctx: dist.Context | None = None, progress=None) -> ProjectResult | PruneResult | AutoResult:
     """Rank-reduce ``model`` in place as ``config`` says; ``where`` names the statistics in error messages.
 
     With a latency ``profile`` of this model (``rankcut profile``), no layer becomes a pair the profile measured
     as no faster than the layer, whatever the budget; a ``latency`` budget needs one. With
     ``structure="channels"`` channels are removed instead (``compress.prune``; statistics from
     ``StatsConfig(structure="channels")``), and a profile prices the chains' widths in measured time.
+
+    With ``config.sequential`` the ranks are decided exactly as without it (from ``stats`` for a budget, so
+    the cost is met the same), then the bases are measured again layer by layer on ``dataset``, each on the
+    model with the layers before it already projected (``compress.sequential``; the gradient pass takes the
+    loss and probes ``stats`` were made with). Under torchrun (``ctx``) each process takes a shard of
+    ``dataset`` and the sums are combined exactly.
     """
     if config.structure != "pair":
         if stats is None:
@@ -300,9 +324,12 @@ def project(model: nn.Module, contract: InputContract, stats: StatsFile | None, 
                            config.options, adjust=None if profile is None else timed_options(profile))
         ranks = plan.ranks
         chosen = [t for t in targets if ranks[t.name] < current_rank(get_module(model, t.name))]
-    with torch.no_grad():
-        edits, reports = project_model(model, chosen, layer_stats, method, ranks, config.options,
-                                       bases=None if plan is None else plan.bases)
+    if config.sequential:
+        edits, reports = _project_sequential(model, chosen, stats, dataset, method, ranks, config, ctx, progress)
+    else:
+        with torch.no_grad():
+            edits, reports = project_model(model, chosen, layer_stats, method, ranks, config.options,
+                                           bases=None if plan is None else plan.bases)
     if plan is not None or slower:
         reports = _with_unchanged(reports, model, targets)
     if profile is not None:  # say which layers stayed whole because a pair would be slower
@@ -404,6 +431,22 @@ def project_calibrated(model: nn.Module, contract: InputContract, stats: StatsFi
             break
         fraction = next_budget(tried, target)
     return best[0], best[1], tried
+
+
+def _project_sequential(model: nn.Module, chosen: list[Target], stats: StatsFile | None, dataset: Dataset | None,
+                        method: Method, ranks: dict[str, int], config: ProjectConfig, ctx: dist.Context | None,
+                        progress) -> tuple[list[Edit], list[LayerReport]]:
+    """``project``'s bases measured layer by layer on ``dataset`` (``compress.sequential``), in call order."""
+    if dataset is None:
+        raise RankcutError("--sequential needs --data D: the statistics are measured again, layer by layer")
+    ctx = ctx or dist.Context(0, 1, next(model.parameters()).device)
+    _check_shards(dataset, ctx)
+    batches = loader(shard(dataset, ctx.rank, ctx.world), config.batch_size, config.workers)
+    probes = 1 if stats is None else stats.info.get("probes", 1)
+    return project_sequential(model, chosen, method, ranks, batches, ctx, config.options,
+                              grad=None if stats is None else stats.loss, probes=probes, seed=config.seed,
+                              indices=shard_indices(len(dataset), ctx.rank, ctx.world),
+                              stage=_stages(progress, len(batches)))
 
 
 def _with_unchanged(reports: list[LayerReport], model: nn.Module, targets: list[Target]) -> list[LayerReport]:
@@ -529,7 +572,8 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
           config: RefitConfig, *, ctx: dist.Context | None = None, progress=None) -> RefitResult:
     """Refit ``model``'s compressed layers in place so each matches ``teacher``'s output there (``compress.refit``).
 
-    One pass over ``dataset`` per refitted layer (both models, each stopped at that layer), plus one pass
+    One pass over ``dataset`` per refitted layer (the compressed model, stopped at that layer; the teacher's
+    outputs at every layer from one pass of its own where they fit in ``compress.refit.CACHE_BYTES``), plus one pass
     before and one after to re-estimate the unfolded BatchNorms downstream of the first change. With
     ``bn_only`` only the BatchNorms (``teacher`` may then be None: all BatchNorms). Under torchrun each process
     takes a shard and the sums are combined exactly, so every process computes the same weights.
@@ -546,9 +590,12 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
     targets, skipped = ([], {}) if config.bn_only else refit_targets(model, teacher, contract, config.every)
     norms = batchnorms_after_change(model, teacher, contract)
     reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics"))
+    taught = None  # the teacher's outputs at every target, from one pass, where they fit in memory
+    if targets and teacher_cache_fits(teacher, targets, contract, len(batches.dataset)):
+        taught = teacher_outputs(teacher, targets, batches, ctx, stage("teacher outputs"))
     reports = []
     for target in targets:
-        sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"))
+        sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"), taught=taught)
         reports.append(refit_one(model, target, sums, config.damping, config.rounds))
     if any(r.status == "refit" for r in reports) and norms:
         reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics, after the refits"))

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import torch
 from typer.testing import CliRunner
 
 from rankcut.cli import app
@@ -64,3 +66,15 @@ def launch(*args, nproc: int = 1, env: dict | None = None) -> subprocess.Complet
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "rankcut.cli"]
     return subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def random_digits_setup(folder) -> tuple:
+    """A random ``rankcut:mnist-cnn`` (seed 0), 37 seeded random digits (uneven shards and batches of 5 under
+    torchrun) and their statistics, made by the CLI in ``folder``: ``(checkpoint, statistics, data options)``."""
+    base, stats = folder / "base.safetensors", folder / "s.npz"
+    assert launch("init", "--arch", "rankcut:mnist-cnn", "--seed", "0", "-o", base).returncode == 0
+    np.savez(folder / "data.npz", x=torch.rand(37, 1, 28, 28, generator=torch.Generator().manual_seed(0)).numpy())
+    data = ["--data", folder / "data.npz", "--device", "cpu", "-b", "5"]
+    r = launch("stats", base, *data, "-o", stats)
+    assert r.returncode == 0, r.stderr
+    return base, stats, data

@@ -8,9 +8,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from rankcut import dist
 from rankcut.api import Budget, ProjectConfig, project as project_model, project_calibrated
 from rankcut.cli.console import Reporter
-from rankcut.cli.options import Checkpoint, Exclude, Force, Json, Layers, Output, Quiet, Seed, Structure
+from rankcut.cli.options import (BatchSize, Checkpoint, Device, Exclude, Force, Json, Layers, Output, Quiet, Samples,
+                                 Seed, Structure, Workers)
 from rankcut.cli.tables import auto_table, channel_table
 from rankcut.compress.methods import METHODS
 from rankcut.errors import RankcutError
@@ -18,6 +20,7 @@ from rankcut.files.checkpoint import load_with_meta, save
 from rankcut.files.fileio import check_output, file_digest
 from rankcut.files.profilefile import check_profile, load_profile
 from rankcut.files.statsfile import check_digest, load_stats
+from rankcut.run.data import open_data, subset
 
 METHOD_HELP = "Basis: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + "."
 BUDGET_HELP = ("Global budget instead of --keep: the output keeps at most this fraction F in (0, 1) of the input's "
@@ -58,6 +61,17 @@ def project(
     round_channels: Annotated[int, typer.Option("--round-channels", help=(
         "channels, auto: every kept channel count is a multiple of N (CPU kernels are faster on such widths)."))] = 1,
     damping: Annotated[Optional[float], typer.Option("--damping", help="fisher: damping of G, relative to its mean eigenvalue (default 1e-3).")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help=(
+        "Measure each layer's statistics again on --data, layer by layer in forward order, on the model whose "
+        "earlier layers are already projected (one pass per layer; fisher/hessian: plus the gradient pass, with "
+        "the loss and probes of --stats). The ranks are decided from --stats first, as without it, so a budget "
+        "is met the same."))] = False,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help=(
+        "With --sequential: the data the statistics are measured on (as rankcut stats --data)."))] = None,
+    samples: Samples = None,
+    batch_size: BatchSize = 64,
+    workers: Workers = 0,
+    device: Device = "auto",
     seed: Seed = 0,
     force: Force = False,
     json_out: Json = False,
@@ -72,12 +86,22 @@ def project(
     --structure channels removes channels instead: each producer -> consumer chain keeps the channels that
     best predict the others by least squares, and the consumer is refitted (no layer is added).
     --structure auto (with --method fisher and a budget) chooses per layer: whole, a pair, or channels.
+
+    --sequential --data D: each layer's basis from statistics of the model with the layers before it already
+    projected (errors of earlier layers are seen, not compounded); runs under torchrun like rankcut stats.
     """
-    report = Reporter(quiet, json_out)
     config = _config(method, keep, {"macs": macs, "params": params, "latency": latency}, layers=tuple(layers) if layers else None,
                      exclude=tuple(exclude) if exclude else None, damping=damping, seed=seed,
-                     structure=structure, round_channels=round_channels)
-    check_output(output, [checkpoint, stats_path, profile_path], force)
+                     structure=structure, round_channels=round_channels, sequential=sequential,
+                     batch_size=batch_size, workers=workers)
+    if sequential and data is None:
+        raise RankcutError("--sequential needs --data D: the statistics are measured again, layer by layer")
+    if data is not None and not sequential:
+        raise RankcutError("--data is read only with --sequential (plain project takes its statistics from --stats)")
+    if sequential and calibrate:
+        raise RankcutError("--calibrate re-solves a budget by timing whole models; it does not combine with "
+                           "--sequential")
+    check_output(output, [checkpoint, stats_path, profile_path, data], force)
     if latency is not None and profile_path is None:
         raise RankcutError(f"--latency needs --profile P.json (make one with: rankcut profile {checkpoint} -o P.json)")
     if calibrate < 0 or calibrate and latency is None:
@@ -89,36 +113,48 @@ def project(
             structure, (f"--method {method}", ""))
         raise RankcutError(f"{needs} needs --stats (make them with: rankcut stats {checkpoint} --data D{extra} "
                            "-o S.npz)")
-    model, meta = load_with_meta(checkpoint)
-    stats = None
-    if stats_path is not None:
-        stats = load_stats(stats_path)
-        check_digest(stats, checkpoint, stats_path)
-    timing = None
-    if profile_path is not None:
-        timing = load_profile(profile_path)
-        check_profile(timing, checkpoint, profile_path)
-    rounds = []
-    if calibrate:
-        model, result, rounds = project_calibrated(model, meta.input, stats, config, stats_path or "the statistics",
-                                                   profile=timing, rounds=calibrate)
-        for i, r in enumerate(rounds):
-            report.log(f"calibration round {i}: budget {r.budget:.3f}, predicted {r.predicted:.3f}, measured "
-                       f"{r.measured:.3f} ({r.measured_q25:.3f}-{r.measured_q75:.3f})")
-    else:
-        result = project_model(model, meta.input, stats, config, where=stats_path or "the statistics", profile=timing)
-    if structure == "pair" and result.budget and result.budget["note"]:
-        report.warn(result.budget["note"])
-    if structure == "pair" and not result.edits:
-        report.warn("no layer changed: at these ranks no pair would save MACs")
-    history = {**result.history(), "stats": None if stats_path is None else file_digest(stats_path)[:16],
-               **({} if profile_path is None else {"profile": file_digest(profile_path)[:16]}),
-               **({"calibrate": calibrate, "measured": rounds[-1].measured} if rounds else {})}
-    save(model, meta.with_edits(*result.edits).with_history("project", **history), output)
-    data = {"output": output, **result.to_dict(), **({"calibration": [asdict(r) for r in rounds]} if rounds else {})}
-    tables = {"channels": channel_table, "auto": auto_table}
-    report.result(data, tables[structure](data) if structure in tables else
-                  _table(data["layers"], data["totals"], data["budget"]))
+    ctx = dist.setup(device if sequential else "cpu")
+    try:
+        report = Reporter(quiet, json_out, ctx.primary)
+        model, meta = load_with_meta(checkpoint, ctx.device)
+        stats = None
+        if stats_path is not None:
+            stats = load_stats(stats_path)
+            check_digest(stats, checkpoint, stats_path)
+        timing = None
+        if profile_path is not None:
+            timing = load_profile(profile_path)
+            check_profile(timing, checkpoint, profile_path)
+        dataset = None if data is None else subset(open_data(data, meta.input, seed=seed), samples, seed)
+        rounds = []
+        if calibrate:
+            model, result, rounds = project_calibrated(model, meta.input, stats, config,
+                                                       stats_path or "the statistics", profile=timing, rounds=calibrate)
+            for i, r in enumerate(rounds):
+                report.log(f"calibration round {i}: budget {r.budget:.3f}, predicted {r.predicted:.3f}, measured "
+                           f"{r.measured:.3f} ({r.measured_q25:.3f}-{r.measured_q75:.3f})")
+        else:
+            with report.progress() as bar:
+                result = project_model(model, meta.input, stats, config, where=stats_path or "the statistics",
+                                       profile=timing, dataset=dataset, ctx=ctx, progress=bar)
+        if not ctx.primary:
+            return
+        if structure == "pair" and result.budget and result.budget["note"]:
+            report.warn(result.budget["note"])
+        if structure == "pair" and not result.edits:
+            report.warn("no layer changed: at these ranks no pair would save MACs")
+        history = {**result.history(), "stats": None if stats_path is None else file_digest(stats_path)[:16],
+                   **({} if profile_path is None else {"profile": file_digest(profile_path)[:16]}),
+                   **({"calibrate": calibrate, "measured": rounds[-1].measured} if rounds else {}),
+                   **({} if data is None else {"data": data, "samples": len(dataset)})}
+        save(model.cpu(), meta.with_edits(*result.edits).with_history("project", **history), output)
+        summary = {"output": output, **result.to_dict(),
+                   **({"calibration": [asdict(r) for r in rounds]} if rounds else {})}
+        tables = {"channels": channel_table, "auto": auto_table}
+        report.result(summary, tables[structure](summary) if structure in tables else
+                      _table(summary["layers"], summary["totals"], summary["budget"]))
+    finally:
+        dist.teardown(ctx)
 
 
 def _table(rows: list[dict], totals: dict, budget: dict | None) -> Table:

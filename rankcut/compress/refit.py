@@ -23,7 +23,8 @@ kept as its n rows instead (the dual form: n x P, not P x P), and the same maps 
 ``B A'^-1 = Y' (X X' + delta I)^-1 X`` on centred rows (the bias is not damped), ``G A' G'`` from ``X G'``
 (a linear layer reading 9,216 features refitted on 256 samples: a 256^2 solve instead of a 9,217^2 one).
 The memory is that of one layer's ``A`` or rows at a time (P^2 float64: 170 MB for a 3x3 conv reading 512
-channels); the time is one forward pass of both models per refitted layer, each stopped at that layer.
+channels); the time is one forward pass of the compressed model per refitted layer, stopped at that layer,
+and one of the teacher for all layers (its outputs kept while they fit in ``CACHE_BYTES``, else one per layer).
 BatchNorm layers left unfolded downstream of the first change get their running statistics re-estimated
 (exact population mean and variance of their inputs over the data) before and after the refits.
 """
@@ -117,8 +118,8 @@ def refit_targets(model: nn.Module, teacher: nn.Module, contract: InputContract,
     output width is the teacher's (a channel-pruned consumer); with ``every`` also unchanged layers after
     the first change. The teacher's output is taken after its BatchNorm when the compressed model folded it.
     """
-    found, _ = trace(model, contract)
-    teacher_targets = {t.name: t for t in trace(teacher, contract)[0]}
+    found, _ = trace(model, contract, fake=False)  # real data follows: one real sample costs nothing more
+    teacher_targets = {t.name: t for t in trace(teacher, contract, fake=False)[0]}
     changed = set(changed_modules(model, teacher, contract))
     targets, skipped, seen_change = [], {}, False
     for t in found:
@@ -256,13 +257,72 @@ class Sums:
                    if t is not None)
 
 
+CACHE_BYTES = 512 * 2**20  # the teacher's outputs at every target are kept for all the data up to this size
+
+
+def _hooked(model: nn.Module, names, make) -> list:
+    return [model.get_submodule(n).register_forward_hook(make(n)) for n in names]
+
+
+def teacher_cache_fits(teacher: nn.Module, targets: list[RefitTarget], contract: InputContract, samples: int,
+                       limit: int | None = None) -> bool:
+    """Whether the teacher's outputs at every target's capture, for ``samples`` samples, fit in ``limit`` bytes
+    (default ``CACHE_BYTES``)."""
+    limit = CACHE_BYTES if limit is None else limit
+    sizes: dict[str, int] = {}
+
+    def measure(name):
+        def hook(_, __, y):
+            sizes[name] = y[0].numel() * y.element_size()
+        return hook
+
+    handles = _hooked(teacher, {t.capture for t in targets}, measure)
+    try:
+        probe(teacher, contract.shape)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(sizes.values()) * samples <= limit
+
+
+def teacher_outputs(teacher: nn.Module, targets: list[RefitTarget], batches, ctx: Context,
+                    advance=lambda: None) -> list[dict[str, torch.Tensor]]:
+    """The teacher's outputs at every target's capture, batch by batch, from one pass over the data: the
+    teacher does not change, so one pass serves every layer (each stopped after the last capture)."""
+    captures = {t.capture for t in targets}
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_, __, y):
+            out[name] = y.detach().clone()  # what follows may work in place
+            if len(out) == len(captures):
+                raise _Stop
+        return hook
+
+    kept = []
+    handles = _hooked(teacher, captures, keep)
+    try:
+        with torch.inference_mode():
+            for x, _ in batches:
+                out.clear()
+                _run_until(teacher, x.to(ctx.device, non_blocking=True))
+                kept.append(dict(out))
+                advance()
+    finally:
+        for h in handles:
+            h.remove()
+    return kept
+
+
 def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batches, ctx: Context,
-               advance=lambda: None, max_rows: int | None = None) -> Sums:
+               advance=lambda: None, max_rows: int | None = None,
+               taught: list[dict[str, torch.Tensor]] | None = None) -> Sums:
     """One pass: the compressed model's input to ``target`` against the teacher's output at its capture.
 
-    The rows are kept (dual form) while there are at most ``max_rows`` of them (default: P, the inputs per
-    output + 1), since then they take less memory and time than the P x P Gram matrix (a linear layer reading
-    9,216 features on 1,024 samples: 75 MB of rows against 680 MB).
+    ``taught``: the teacher's outputs per batch (``teacher_outputs``), else the teacher runs here. The rows
+    are kept (dual form) while there are at most ``max_rows`` of them (default: P, the inputs per output + 1),
+    since then they take less memory and time than the P x P Gram matrix (a linear layer reading 9,216
+    features on 1,024 samples: 75 MB of rows against 680 MB).
     """
     layer = model.get_submodule(target.name)
     first = input_side(layer)
@@ -285,13 +345,17 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
         return torch.zeros(*shape, dtype=torch.float64, device=dev)
 
     sums = Sums(zeros(c, p), zeros(()), zeros(c), zeros(()), rows_x=zeros(0, p), rows_y=zeros(0, c))
-    handles = [layer.register_forward_pre_hook(take_input),
-               teacher.get_submodule(target.capture).register_forward_hook(take_output)]
+    handles = [layer.register_forward_pre_hook(take_input)]
+    if taught is None:
+        handles.append(teacher.get_submodule(target.capture).register_forward_hook(take_output))
     try:
         with torch.inference_mode():
-            for x, _ in batches:
+            for i, (x, _) in enumerate(batches):
                 x = x.to(dev, non_blocking=True)
-                _run_until(teacher, x)
+                if taught is None:
+                    _run_until(teacher, x)
+                else:
+                    seen["y"] = taught[i][target.capture]
                 _run_until(model, x)
                 xs, ys = _rows(first, seen["x"], seen["y"])
                 if ys.shape[1] != c:
@@ -341,6 +405,7 @@ class Problem:
     a: torch.Tensor | None = None
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
+    _last: tuple = field(default=(None, None), repr=False)  # (G, G A G') of the last gram: the objective's reuse
 
     @classmethod
     def of(cls, sums: Sums, damping: float, bias: bool) -> "Problem":
@@ -366,12 +431,20 @@ class Problem:
         return g[:, :-1] if self.bias else g
 
     def gram(self, g: torch.Tensor, damped: bool = True) -> torch.Tensor:
-        """``G A' G'`` (``damped``: ``A' = A + delta D``, D the identity on the weights) or ``G A G'``."""
-        if self.a is not None:
+        """``G A' G'`` (``damped``: ``A' = A + delta D``, D the identity on the weights) or ``G A G'``.
+
+        ``G A G'`` of the last ``g`` is kept: the objective is asked for the same factor again, damped and not
+        (with the rows of a wide layer, each product reads them all; comparing ``g`` reads only ``g``).
+        """
+        last = self._last[0]
+        if last is not None and last.shape == g.shape and torch.equal(last, g):
+            h = self._last[1]
+        elif self.a is not None:
             h = g @ self.a @ g.T
         else:
-            z = self.x @ g.T
+            z = (g @ self.x.T).T  # the wide rows on the right: read once, faster than x @ g'
             h = z.T @ z
+        self._last = (g, h)
         if damped and self.delta:
             w = self._weights(g)
             h = h + self.delta * (w @ w.T)
@@ -420,17 +493,14 @@ def refit_pair(problem: Problem, down: torch.Tensor, up: torch.Tensor, up_bias: 
     e = _unit(problem.b.shape[1], down)
     solved = problem.solve()  # B A'^-1: solved once per layer, reused by every down step
 
-    def value(w, u, b2):
-        return problem.objective(torch.cat([u, b2[:, None]], 1), torch.cat([w, e], 0))
-
-    history = [value(down, up, up_bias)]
+    history = [problem.objective(torch.cat([up, up_bias[:, None]], 1), torch.cat([down, e], 0))]
     for _ in range(rounds):
         down = torch.linalg.pinv(up) @ (solved - up_bias[:, None] @ e)
-        history.append(value(down, up, up_bias))
         g = torch.cat([down, e], 0)
+        history.append(problem.objective(torch.cat([up, up_bias[:, None]], 1), g))
         vg = _right_solve(problem.gram(g), problem.b @ g.T)
         up, up_bias = vg[:, :-1], vg[:, -1]
-        history.append(value(down, up, up_bias))
+        history.append(problem.objective(vg, g))
     return down, up, up_bias, history
 
 

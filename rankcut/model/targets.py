@@ -47,13 +47,18 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def trace(model: nn.Module, contract: InputContract) -> tuple[list[Target], str | None]:
-    """All candidate targets in call order, and the name of the one producing the model's output."""
-    targets, final, _ = _traced(model, contract)
+def trace(model: nn.Module, contract: InputContract, fake: bool = True) -> tuple[list[Target], str | None]:
+    """All candidate targets in call order, and the name of the one producing the model's output.
+
+    ``fake``: on fake tensors (no memory, whatever the input size; ``forward.shapes_only``), else on one real
+    sample, which is faster (no fake-tensor machinery to import) where a real sample is cheap anyway.
+    """
+    targets, final, _ = _traced(model, contract, fake)
     return targets, final
 
 
-def _traced(model: nn.Module, contract: InputContract) -> tuple[list[Target], str | None, dict[str, int]]:
+def _traced(model: nn.Module, contract: InputContract,
+            fake: bool = True) -> tuple[list[Target], str | None, dict[str, int]]:
     """``trace``, and how many times each candidate layer was called in the pass."""
     candidates = _candidates(model)
     bns = {n: m for n, m in model.named_modules() if plain_batchnorm(m)}
@@ -85,7 +90,7 @@ def _traced(model: nn.Module, contract: InputContract) -> tuple[list[Target], st
     try:
         handles += [candidates[n].register_forward_hook(on_layer(n)) for n in candidates]
         handles += [bns[n].register_forward_hook(on_bn(n)) for n in bns]
-        result = shapes_only(run)
+        result = shapes_only(run) if fake else run()
     finally:
         for h in handles:
             h.remove()

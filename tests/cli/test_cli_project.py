@@ -209,3 +209,34 @@ def test_cli_auto_structure_within_budget_rounded_and_shown_by_info(tmp_path, mn
         failed = run_cli(["project", mnist_ckpt, "--stats", stats, "--structure", "auto", *args, "-o",
                           tmp_path / "x.safetensors"], fails=True)
         assert message in failed.message
+
+
+def test_cli_sequential_meets_the_same_budget_with_other_bases_and_records_it(small_files, tmp_path, run_cli):
+    """--macs: the ranks come from --stats as without --sequential (same cost); the bases are measured again."""
+    plain, sequential = tmp_path / "plain.safetensors", tmp_path / "seq.safetensors"
+    budget = ["--stats", small_files["stats"], "--macs", "0.3"]
+    a = run_cli(["project", small_files["ckpt"], *budget, "-o", plain, "--json"]).data
+    b = run_cli(["project", small_files["ckpt"], *budget, "--sequential", "--data", "synthetic:32", "--device", "cpu",
+                 "-o", sequential, "--json"]).data
+    assert [(r["layer"], r["new_rank"]) for r in a["layers"]] == [(r["layer"], r["new_rank"]) for r in b["layers"]]
+    assert a["totals"]["macs_after"] == b["totals"]["macs_after"]
+    first, second = load_with_meta(plain), load_with_meta(sequential)
+    assert first[1].edits == second[1].edits
+    changed = [k for k, v in first[0].state_dict().items() if not torch.equal(v, second[0].state_dict()[k])]
+    assert changed, "the bases after the first projected layer are measured on its output"
+    history = second[1].history[-1]
+    assert history["sequential"] is True and history["data"] == "synthetic:32" and history["samples"] == 32
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sequential"], "--sequential needs --data"),
+    (["--data", "synthetic:8"], "--data is read only with --sequential"),
+    (["--sequential", "--data", "synthetic:8", "--structure", "channels"], "--structure channels is not supported"),
+    (["--sequential", "--data", "synthetic:8", "-b", "0"], "--batch-size"),
+    (["--sequential", "--data", "synthetic:8", "--calibrate", "1"], "does not combine with --sequential"),
+])
+def test_cli_sequential_refusals(small_files, tmp_path, run_cli, args, message):
+    out = tmp_path / "out.safetensors"
+    r = run_cli(["project", small_files["ckpt"], "--stats", small_files["stats"], "--keep", "0.5", *args, "-o", out],
+                fails=True)
+    assert message in r.message and not out.exists()

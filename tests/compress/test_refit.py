@@ -142,6 +142,22 @@ def test_the_objective_never_increases_and_the_error_goes_down():
         assert row.error_after < row.error_before
 
 
+def test_the_teachers_outputs_kept_from_one_pass_give_the_same_refit(monkeypatch):
+    """Kept for all layers at once (the default where they fit) or the teacher run beside each layer's pass
+    (``CACHE_BYTES`` 0): the same weights, bit for bit."""
+    teacher, data = _teacher(), _data()
+    model = copy.deepcopy(teacher)
+    _random_pair(model, "conv1", 2, seed=3)
+    _random_pair(model, "conv2", 2)
+    _random_pair(model, "fc1", 3, seed=7)
+    kept, alongside = copy.deepcopy(model), copy.deepcopy(model)
+    refit(kept, teacher, CONTRACT, data, RefitConfig(batch_size=32))
+    monkeypatch.setattr("rankcut.compress.refit.CACHE_BYTES", 0)
+    refit(alongside, teacher, CONTRACT, data, RefitConfig(batch_size=32))
+    for key, value in kept.state_dict().items():
+        assert torch.equal(alongside.state_dict()[key], value), key
+
+
 def test_bn_only_sets_the_exact_statistics_of_the_inputs():
     teacher, data = _teacher(), _data()
     model = copy.deepcopy(teacher)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from rankcut.files.checkpoint import load_with_meta
 
-from cli_helpers import launch
+from cli_helpers import launch, random_digits_setup
 
 pytestmark = pytest.mark.timeout(600)  # a few torchrun jobs (each limited to 300 s)
 
@@ -20,13 +19,8 @@ def test_two_process_refit_equals_single_process(tmp_path):
     """37 samples (uneven shards and batches): conv2's sums are all-reduced Gram matrices (37 x 576 rows > 289
     inputs), fc1's the rows gathered from both processes (37 rows < 9,217 inputs). fc1 keeps rank 19, below
     the data's rank, so its pair is unique (with a rank above it, the factors are not, only their product)."""
-    base, small, stats = tmp_path / "base.safetensors", tmp_path / "small.safetensors", tmp_path / "s.npz"
-    assert launch("init", "--arch", "rankcut:mnist-cnn", "--seed", "0", "-o", base).returncode == 0
-    g = torch.Generator().manual_seed(0)
-    np.savez(tmp_path / "data.npz", x=torch.rand(37, 1, 28, 28, generator=g).numpy())
-    data = ["--data", tmp_path / "data.npz", "--device", "cpu", "-b", "5"]
-    r = launch("stats", base, *data, "-o", stats)
-    assert r.returncode == 0, r.stderr
+    small = tmp_path / "small.safetensors"
+    base, stats, data = random_digits_setup(tmp_path)
     r = launch("project", base, "--stats", stats, "--keep", "0.15", "--layers", "conv2,fc1", "-o", small)
     assert r.returncode == 0, r.stderr
     outputs = {}

@@ -21,6 +21,8 @@ def test_targets_follow_batchnorm_and_skip_output_layer():
     assert len(found) == 21
     chosen = select(model, InputContract((3, 32, 32), archs.IMAGENET_MEAN, archs.IMAGENET_STD))
     assert "fc" not in {t.name for t in chosen} and len(chosen) == 20
+    assert trace(model, InputContract((3, 32, 32), archs.IMAGENET_MEAN, archs.IMAGENET_STD), fake=False) == \
+        (found, final), "on one real sample (refit's way) the same targets as on fake tensors"
 
 
 def test_layer_patterns_choose_targets_and_the_output_layer_only_by_name():
