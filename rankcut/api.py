@@ -705,7 +705,7 @@ class SweepConfig:
                 for layer in names:
                     for kind, fraction in dict.fromkeys((k, float(f)) for k, f in self.budgets):
                         key = (structure, method, kind, fraction, layer)
-                        if key in seen or (structure == "channels" and kind == "latency"):
+                        if key in seen:
                             continue
                         seen.add(key)
                         how = {"keep": fraction} if kind == "keep" else {"budget": Budget(kind, fraction)}
@@ -768,7 +768,7 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
     the data points are fine-tuned on, and refitted on unless ``refit_set`` is given (``rankcut sweep`` opens the
     training data with training transforms for the one and evaluation transforms for the other, as ``finetune``
     and ``refit`` do), when ``config`` asks. ``profile``: a latency profile of
-    ``model``, given to every pair point as ``project`` takes it (needed by latency budgets). ``cache``: the
+    ``model``, given to every pair point and to channels points of a latency budget, as ``project`` takes it. ``cache``: the
     points of an earlier sweep from the same inputs and options are reused by key, and the file is rewritten
     after every new point (``run.sweepcache``). ``on_point(point, model, project_result, original)`` is
     called after each new point (what it adds to ``point`` is kept). Returns ``summarize``'s dict plus
@@ -803,7 +803,7 @@ def sweep(model: nn.Module, contract: InputContract, stats: StatsFile | None, da
             progress.update(task, info=f"{label(dict(structure=structure, method=method))}{at} {kind} {fraction:g}")
         small = copy.deepcopy(model)
         result = project(small, contract, stats, project_config, where,
-                         profile=profile if structure == "pair" else None)
+                         profile=profile if structure == "pair" or kind == "latency" else None)
         small.to(ctx.device)
         steps, history = _after_project(small, reference, contract, dataset, (refit_set, train_set), classes,
                                         config, ctx, progress)

@@ -129,3 +129,31 @@ def hand_profile(ckpt, tmp_path, conv1_pair_ms=2.0) -> str:
     path = tmp_path / "hand.json"
     path.write_text(json.dumps(profile))
     return str(path)
+
+
+CHAIN_CHANNELS = {"conv1": 32, "conv2": 64, "fc1": 128}
+CHAIN_CONSUMER = {"conv1": "conv2", "conv2": "fc1", "fc1": "fc2"}
+CHAIN_MODULE_MS = {"conv1": 1.0, "conv2": 6.0, "fc1": 3.0, "fc2": 0.2}
+CHAIN_PATH_MS = {"conv1": 0.5, "conv2": 1.5, "fc1": 0.1}
+
+
+def chain_ratio(k: int, channels: int) -> float:
+    """The hand-made profile's time ratio at width k: linear, so interpolating between its widths is exact."""
+    return 0.1 + 0.9 * k / channels
+
+
+def hand_chain_profile(ckpt, tmp_path, whole_ms: float, name: str = "chains.json") -> str:
+    """A hand-made profile of mnist-cnn's three chains (conv1 -> conv2 -> fc1 -> fc2), paths included."""
+    def widths(side, ms, channels):
+        sizes = [1, channels // 2, channels - 1]
+        return {"side": side, "ms": ms, "candidates": [
+            {"size": k, "ms": ms * chain_ratio(k, channels), "ratio": chain_ratio(k, channels), "q25": 0, "q75": 0} for k in sizes]}
+    chains = {p: {"consumer": q, "channels": CHAIN_CHANNELS[p], "modules": {
+        p: widths("out", CHAIN_MODULE_MS[p], CHAIN_CHANNELS[p]), "(path)": widths("out", CHAIN_PATH_MS[p], CHAIN_CHANNELS[p]),
+        q: widths("in", CHAIN_MODULE_MS[q], CHAIN_CHANNELS[p])}} for p, q in CHAIN_CONSUMER.items()}
+    profile = {"format": FORMAT, "checkpoint": file_digest(ckpt), "device": "cpu", "threads": 1, "runtime": "torch",
+               "batch_size": 1, "torch": "x", "host": "h", "whole_ms": whole_ms, "whole_spread_ms": [1, 1],
+               "others_ms": 0.5, "layers": {}, "chains": chains}
+    path = tmp_path / name
+    path.write_text(json.dumps(profile))
+    return str(path)

@@ -55,8 +55,8 @@ def sweep(
     macs: Annotated[Optional[str], typer.Option("--macs", help="Comma-separated MACs budgets to sweep, e.g. 0.5,0.25.", show_default=False)] = None,
     params: Annotated[Optional[str], typer.Option("--params", help="Comma-separated parameter budgets to sweep.", show_default=False)] = None,
     latency: Annotated[Optional[str], typer.Option("--latency", help=(
-        "Comma-separated latency budgets (fractions of the whole model's latency in --profile); pairs only, "
-        "channels points take the other budgets."), show_default=False)] = None,
+        "Comma-separated latency budgets (fractions of the whole model's latency in --profile): pairs and "
+        "channels (with a profile that timed the chains)."), show_default=False)] = None,
     profile_path: Annotated[Optional[str], typer.Option("--profile", help=(
         "A latency profile of CHECKPOINT (rankcut profile): every pair point is projected with it, as project "
         "--profile does (no layer becomes a pair it measured as no faster); --latency needs it."),
@@ -141,8 +141,6 @@ def sweep(
 
         check_plot(plot, inputs + [output], force, html=True)
     check_keep_dir(keep_dir)
-    if latency is not None and "channels" in config.structures:
-        report.warn("--latency budgets rank-k pairs; the channels points take only the --keep/--macs/--params budgets")
     ctx = dist.setup(device)
     if ctx.distributed:
         dist.teardown(ctx)

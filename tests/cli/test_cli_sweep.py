@@ -10,7 +10,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pytest
-from builders import digits_npz, hand_profile, logits_of
+from builders import digits_npz, hand_chain_profile, hand_profile, logits_of
 from cli_helpers import run
 from safetensors import safe_open
 
@@ -451,3 +451,18 @@ def test_info_marks_the_chosen_ranks_on_the_spectra(tmp_path, mnist_ckpt, run_cl
         assert "was not projected with" in message
     assert not (tmp_path / "s2.png").exists()
     assert "give S.npz and --plot" in run_cli(["info", stats, "--checkpoint", projected], fails=True).message
+
+
+def test_channels_latency_points_are_what_project_with_the_chain_profile_gives(tmp_path, mnist_ckpt, run_cli):
+    """A channels point of a --latency budget is project --structure channels --latency --profile, bit for bit."""
+    stats = tmp_path / "c.npz"
+    run_cli(["stats", mnist_ckpt, "--data", DATA, "--structure", "channels", "-o", stats, "-q"])
+    profile = hand_chain_profile(mnist_ckpt, tmp_path, 14.0)
+    data = run_cli(["sweep", mnist_ckpt, "--stats", stats, "--data", DATA, "--structures", "channels", "--latency",
+                    "0.5", "--profile", profile, "--keep-dir", tmp_path / "kept", *CPU, "-o", tmp_path / "sw.json",
+                    "--json"]).data
+    assert [(p["structure"], p["kind"], p["fraction"]) for p in data["points"]] == [("channels", "latency", 0.5)]
+    out = tmp_path / "p.safetensors"
+    run_cli(["project", mnist_ckpt, "--stats", stats, "--structure", "channels", "--latency", "0.5", "--profile",
+             profile, "-o", out, "-q"])
+    assert _tensors(out) == _tensors(data["points"][0]["checkpoint"])

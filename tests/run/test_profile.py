@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import hand_profile
+from builders import (
+    CHAIN_CHANNELS,
+    CHAIN_MODULE_MS,
+    CHAIN_PATH_MS,
+    chain_ratio,
+    hand_chain_profile,
+    hand_profile,
+)
 from cli_helpers import rankcut
 
 from rankcut.files.fileio import file_digest
@@ -110,42 +117,14 @@ def test_stale_or_bad_profiles_are_one_line(mnist_ckpt, tmp_path):
     assert not out.exists()
 
 
-CHANNELS = {"conv1": 32, "conv2": 64, "fc1": 128}
-CONSUMER = {"conv1": "conv2", "conv2": "fc1", "fc1": "fc2"}
-MODULE_MS = {"conv1": 1.0, "conv2": 6.0, "fc1": 3.0, "fc2": 0.2}
-PATH_MS = {"conv1": 0.5, "conv2": 1.5, "fc1": 0.1}
-
-
-def _ratio(k: int, channels: int) -> float:
-    """The hand-made profile's time ratio at width k: linear, so interpolating between its widths is exact."""
-    return 0.1 + 0.9 * k / channels
-
-
-def _chain_profile(ckpt, tmp_path, whole_ms: float, name: str = "chains.json") -> str:
-    """A hand-made profile of mnist-cnn's three chains (conv1 -> conv2 -> fc1 -> fc2), paths included."""
-    def widths(side, ms, channels):
-        sizes = [1, channels // 2, channels - 1]
-        return {"side": side, "ms": ms, "candidates": [
-            {"size": k, "ms": ms * _ratio(k, channels), "ratio": _ratio(k, channels), "q25": 0, "q75": 0} for k in sizes]}
-    chains = {p: {"consumer": q, "channels": CHANNELS[p], "modules": {
-        p: widths("out", MODULE_MS[p], CHANNELS[p]), "(path)": widths("out", PATH_MS[p], CHANNELS[p]),
-        q: widths("in", MODULE_MS[q], CHANNELS[p])}} for p, q in CONSUMER.items()}
-    profile = {"format": FORMAT, "checkpoint": file_digest(ckpt), "device": "cpu", "threads": 1, "runtime": "torch",
-               "batch_size": 1, "torch": "x", "host": "h", "whole_ms": whole_ms, "whole_spread_ms": [1, 1],
-               "others_ms": 0.5, "layers": {}, "chains": chains}
-    path = tmp_path / name
-    path.write_text(json.dumps(profile))
-    return str(path)
-
-
 def _chain_model_ms(widths: dict[str, int], whole_ms: float) -> float:
     """The profile's cost model recomputed by hand: the whole, less every chain part as it is, plus each at its
     widths (a module in two chains at the product of its two ratios); parts scaled down if they exceed the whole."""
-    r = {p: _ratio(widths[p], c) for p, c in CHANNELS.items()}
+    r = {p: chain_ratio(widths[p], c) for p, c in CHAIN_CHANNELS.items()}
     r_in = {"conv1": 1.0, "conv2": r["conv1"], "fc1": r["conv2"], "fc2": r["fc1"]}
     r_out = {"conv1": r["conv1"], "conv2": r["conv2"], "fc1": r["fc1"], "fc2": 1.0}
-    full = sum(MODULE_MS.values()) + sum(PATH_MS.values())
-    at = sum(ms * r_in[m] * r_out[m] for m, ms in MODULE_MS.items()) + sum(ms * r[p] for p, ms in PATH_MS.items())
+    full = sum(CHAIN_MODULE_MS.values()) + sum(CHAIN_PATH_MS.values())
+    at = sum(ms * r_in[m] * r_out[m] for m, ms in CHAIN_MODULE_MS.items()) + sum(ms * r[p] for p, ms in CHAIN_PATH_MS.items())
     scale = min(1.0, whole_ms / full)
     return whole_ms - scale * full + scale * at
 
@@ -166,10 +145,10 @@ def test_channel_latency_budget_never_exceeds_itself_in_the_profiles_cost_model(
                                                                                  fraction, step):
     ckpt, stats = channel_files
     result = rankcut("project", ckpt, "--stats", stats, "--structure", "channels", "--latency", fraction, "--profile",
-                     _chain_profile(ckpt, tmp_path, whole_ms), "--round-channels", step, "-o",
+                     hand_chain_profile(ckpt, tmp_path, whole_ms), "--round-channels", step, "-o",
                      tmp_path / "c.safetensors", "--json")
     widths = {r["producer"]: r["kept"] for r in result["chains"]}
-    assert all(k % step == 0 or k == CHANNELS[p] for p, k in widths.items()), widths
+    assert all(k % step == 0 or k == CHAIN_CHANNELS[p] for p, k in widths.items()), widths
     modelled = _chain_model_ms(widths, whole_ms) * 1e6
     totals = result["totals"]
     assert totals["latency_after_ns"] == pytest.approx(modelled, abs=10)  # one ns of rounding per module
@@ -179,13 +158,13 @@ def test_channel_latency_budget_never_exceeds_itself_in_the_profiles_cost_model(
 
 def test_channel_latency_budget_refuses_a_stale_profile_or_one_without_chains(channel_files, tmp_path):
     ckpt, stats = channel_files
-    hand = _chain_profile(ckpt, tmp_path, 14.0)
+    hand = hand_chain_profile(ckpt, tmp_path, 14.0)
     other = tmp_path / "other.safetensors"
     rankcut("init", "--arch", "rankcut:mnist-cnn", "--seed", "1", "-o", other)
     out = tmp_path / "c.safetensors"
     assert "measured on another checkpoint" in rankcut(
         "project", ckpt, "--stats", stats, "--structure", "channels", "--latency", "0.5", "--profile",
-        _chain_profile(other, tmp_path, 14.0, "stale.json"), "-o", out, fails=True)
+        hand_chain_profile(other, tmp_path, 14.0, "stale.json"), "-o", out, fails=True)
     pairs_only = json.loads(Path(hand).read_text()) | {"chains": {}}
     (tmp_path / "pairs.json").write_text(json.dumps(pairs_only))
     assert "no channel widths for chain conv1" in rankcut(
