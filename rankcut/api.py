@@ -531,7 +531,8 @@ DEFAULT_REFIT_DAMPING = 1e-3
 class RefitConfig:
     """How ``refit`` refits: ridge ``damping`` (relative to the mean eigenvalue of each layer's input second
     moment), alternating ``rounds`` for pairs, ``bn_only`` (only re-estimate BatchNorm statistics), ``every``
-    (also refit unchanged layers after the first compressed one)."""
+    (also refit unchanged layers after the first compressed one), ``positions`` (that many random output
+    positions per sample in each layer's least squares, drawn per sample from ``seed``; None: all)."""
 
     damping: float = DEFAULT_REFIT_DAMPING
     rounds: int = 2
@@ -539,12 +540,16 @@ class RefitConfig:
     every: bool = False
     batch_size: int = 64
     workers: int = 0
+    positions: int | None = None
+    seed: int = 0
 
     def __post_init__(self):
         if not (isinstance(self.damping, (int, float)) and self.damping >= 0 and self.damping < float("inf")):
             raise RankcutError(f"--damping must be a finite number >= 0, got {self.damping}")
         if self.rounds < 1:
             raise RankcutError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.positions is not None and self.positions < 1:
+            raise RankcutError(f"--positions must be at least 1, got {self.positions}")
         _check_loading(self.batch_size, self.workers)
 
 
@@ -561,6 +566,8 @@ class RefitResult:
     def history(self) -> dict:
         return {"damping": self.config.damping, "rounds": self.config.rounds, "bn_only": self.config.bn_only,
                 "all": self.config.every, "samples": self.samples,
+                **({} if self.config.positions is None else {"positions": self.config.positions,
+                                                              "seed": self.config.seed}),
                 "layers": sum(r.status == "refit" for r in self.layers), "batchnorms": len(self.batchnorms)}
 
     def to_dict(self) -> dict:
@@ -595,7 +602,9 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
         taught = teacher_outputs(teacher, targets, batches, ctx, stage("teacher outputs"))
     reports = []
     for target in targets:
-        sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"), taught=taught)
+        sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"), taught=taught,
+                          positions=config.positions, seed=config.seed,
+                          indices=shard_indices(len(dataset), ctx.rank, ctx.world))
         reports.append(refit_one(model, target, sums, config.damping, config.rounds))
     if any(r.status == "refit" for r in reports) and norms:
         reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics, after the refits"))
@@ -612,8 +621,8 @@ class SweepConfig:
     """What to sweep: every ``structures`` x ``methods`` (``pair`` only; ``channels`` takes no method) x ``budgets``.
 
     ``budgets`` are ``(kind, fraction)`` with kind ``keep`` (every layer keeps that fraction of its rank),
-    ``macs``, ``params`` or ``latency`` (a global budget; latency needs a profile and budgets pairs only: it is
-    not a channels point). ``within``: the recommendation is the cheapest point (in ``cost``: MACs, or the
+    ``macs``, ``params`` or ``latency`` (a global budget; latency needs a profile, one that timed the chains
+    for channels points). ``within``: the recommendation is the cheapest point (in ``cost``: MACs, or the
     measured latency ratio, which needs ``eval.latency``) whose top-1 is at most this many percentage points
     below the original's. ``damping``, ``seed``, ``layers`` and ``exclude`` are ``ProjectConfig``'s, the same
     for every point.
@@ -670,9 +679,7 @@ class SweepConfig:
             raise RankcutError("--refit-samples is a positive number of samples for --refit")
         if self.finetune_epochs < 0:
             raise RankcutError(f"--finetune-epochs must be 0 or more, got {self.finetune_epochs}")
-        if not self.configs():
-            raise RankcutError("nothing to sweep: --latency budgets rank-k pairs only; add --structures pair or "
-                               "--macs/--params budgets")  # every other combination makes at least one point
+        self.configs()  # each point's ProjectConfig checks itself (a method's options, its budget currency)
 
     @property
     def trains(self) -> bool:

@@ -224,7 +224,6 @@ def test_a_per_layer_sweep_config_takes_each_layer_alone():
 @pytest.mark.parametrize("make, message", [
     (lambda: rankcut.SweepConfig(budgets=()), "say which budgets to sweep"),
     (lambda: rankcut.SweepConfig(budgets=(("flops", 0.5),)), "a sweep budget is one of keep, macs, params, latency"),
-    (lambda: rankcut.SweepConfig(structures=("channels",), budgets=(("latency", 0.5),)), "nothing to sweep"),
     (lambda: rankcut.SweepConfig(budgets=(("keep", 0.5),), cost="latency"), "add --measure-latency"),
     (lambda: rankcut.SweepConfig(methods=("random",), budgets=(("params", 0.5),)), "predicts no loss"),
     (lambda: rankcut.SweepConfig(structures=(), budgets=(("keep", 0.5),)), "--structures names no structure"),

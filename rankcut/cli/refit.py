@@ -46,6 +46,10 @@ def refit(
         "Only re-estimate the running statistics of the BatchNorm layers left unfolded."))] = False,
     every: Annotated[bool, typer.Option("--all", help=(
         "Also refit the unchanged layers after the first compressed one (as whole layers or pairs)."))] = False,
+    positions: Annotated[Optional[int], typer.Option("--positions", help=(
+        "Use only N random output positions per sample in each layer's least squares (drawn per sample from "
+        "--seed; default: every position). A conv layer's cost falls by its positions / N: a 14 x 14 output "
+        "with --positions 16 costs 12x less; the fit is then an estimate from fewer rows."))] = None,
     batch_size: BatchSize = 64,
     workers: Workers = 0,
     device: Device = "auto",
@@ -67,10 +71,11 @@ def refit(
     for all of them (its outputs kept in memory up to 512 MiB, else one per layer), and per layer a float64
     matrix of P x P, P = inputs per output + 1 (8 P^2 bytes: 170 MB for a 3x3 conv reading 512 channels),
     factorised once (P^3 / 3 operations); with no more rows (N x output positions) than P, the rows are kept
-    and solved in their space instead (N x N). Under torchrun the sums are combined across processes.
+    and solved in their space instead (N x N); --positions N' keeps N' rows per sample, so N x N' rows.
+    Under torchrun the sums are combined across processes.
     """
     config = RefitConfig(damping=damping, rounds=rounds, bn_only=bn_only, every=every, batch_size=batch_size,
-                         workers=workers)
+                         workers=workers, positions=positions, seed=seed)
     if teacher is None and not bn_only:
         raise RankcutError("refit needs --teacher BASE (the checkpoint this one was compressed from), "
                            "unless --bn-only")

@@ -31,6 +31,7 @@ BatchNorm layers left unfolded downstream of the first change get their running 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -43,6 +44,7 @@ from rankcut.model.contract import InputContract
 from rankcut.model.forward import probe
 from rankcut.model.layers import LowRank, input_side, out_width, plain_batchnorm
 from rankcut.model.targets import trace
+from rankcut.stats.collect import probe_generator
 
 # ---------------------------------------------------------------------------------------------- what to refit
 
@@ -314,12 +316,29 @@ def teacher_outputs(teacher: nn.Module, targets: list[RefitTarget], batches, ctx
     return kept
 
 
+def sample_positions(xs: torch.Tensor, ys: torch.Tensor, samples: int, positions: int, seed: int,
+                     indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``positions`` output positions per sample, drawn without replacement from the sample's own
+    generator (seeded by ``seed`` and its index in the whole data), so the rows kept do not depend on the
+    batch size or the process count. All rows where a sample has no more positions than that."""
+    per = len(xs) // samples
+    if per <= positions:
+        return xs, ys
+    keep = torch.cat([i * per + torch.randperm(per, generator=probe_generator(seed, index))[:positions]
+                      for i, index in enumerate(indices)]).to(xs.device)
+    return xs[keep], ys[keep]
+
+
 def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batches, ctx: Context,
                advance=lambda: None, max_rows: int | None = None,
-               taught: list[dict[str, torch.Tensor]] | None = None) -> Sums:
+               taught: list[dict[str, torch.Tensor]] | None = None, positions: int | None = None, seed: int = 0,
+               indices=None) -> Sums:
     """One pass: the compressed model's input to ``target`` against the teacher's output at its capture.
 
-    ``taught``: the teacher's outputs per batch (``teacher_outputs``), else the teacher runs here. The rows
+    ``positions``: keep only that many output positions (rows) per sample (``sample_positions``; each
+    sample's index in the whole data from ``indices``, default 0, 1, 2, ...), which divides the cost of a
+    conv layer's sums by its positions / ``positions``. ``taught``: the teacher's outputs per batch
+    (``teacher_outputs``), else the teacher runs here. The rows
     are kept (dual form) while there are at most ``max_rows`` of them (default: P, the inputs per output + 1),
     since then they take less memory and time than the P x P Gram matrix (a linear layer reading 9,216
     features on 1,024 samples: 75 MB of rows against 680 MB).
@@ -345,6 +364,7 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
         return torch.zeros(*shape, dtype=torch.float64, device=dev)
 
     sums = Sums(zeros(c, p), zeros(()), zeros(c), zeros(()), rows_x=zeros(0, p), rows_y=zeros(0, c))
+    order = iter(indices if indices is not None else itertools.count())
     handles = [layer.register_forward_pre_hook(take_input)]
     if taught is None:
         handles.append(teacher.get_submodule(target.capture).register_forward_hook(take_output))
@@ -358,6 +378,8 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
                     seen["y"] = taught[i][target.capture]
                 _run_until(model, x)
                 xs, ys = _rows(first, seen["x"], seen["y"])
+                if positions is not None:
+                    xs, ys = sample_positions(xs, ys, len(x), positions, seed, [next(order) for _ in range(len(x))])
                 if ys.shape[1] != c:
                     raise RankcutError(f"the teacher's {target.capture} has {ys.shape[1]} outputs, {target.name} {c}")
                 sums.add(xs, ys, max_rows)

@@ -36,4 +36,5 @@ def test_refit_writes_nothing_on_bad_input(small_files, mnist_ckpt, tmp_path):
     assert "--damping" in rankcut(*base, "--teacher", small_files["ckpt"], "--damping", "-1", fails=True)
     assert "--samples" in rankcut(*base, "--teacher", small_files["ckpt"], "-n", "0", fails=True)
     assert "--rounds" in rankcut(*base, "--teacher", small_files["ckpt"], "--rounds", "0", fails=True)
+    assert "--positions" in rankcut(*base, "--teacher", small_files["ckpt"], "--positions", "0", fails=True)
     assert not out.exists()

@@ -292,3 +292,27 @@ def test_conv_rows_are_unfold_order_patches_with_a_one(conv):
     assert torch.equal(xs[:, -1], torch.ones(len(xs), dtype=torch.float64))
     w = torch.cat([layer.weight.reshape(5, -1), layer.bias[:, None]], 1).double().detach()
     assert torch.allclose(xs @ w.T, ys, atol=1e-5)
+
+
+def test_sampled_positions_reach_the_exact_solution_and_do_not_depend_on_the_batches():
+    """--positions: an exact low-rank solution is still reached from 4 of 36 rows per sample (any rows that
+    span the inputs determine it), the rows kept are the same whatever the batch size, and with at least as
+    many positions as a layer has the sums are those of every row."""
+    teacher, data = _teacher(conv2_rank=2), _data()
+    model = copy.deepcopy(teacher)
+    _random_pair(model, "conv2", 2)
+    exact = copy.deepcopy(model)
+    refit(exact, teacher, CONTRACT, data, RefitConfig(damping=0.0, rounds=1, positions=4))
+    assert torch.allclose(_outputs(exact, data), _outputs(teacher, data), atol=1e-5, rtol=0)
+    target = RefitTarget("conv2", "pair", "bn")
+    ctx = Context(0, 1, torch.device("cpu"))
+
+    def sums(batch_size, positions, seed=0):
+        batches = torch.utils.data.DataLoader(data, batch_size=batch_size)
+        return layer_sums(model, teacher, target, batches, ctx, max_rows=0, positions=positions, seed=seed)
+
+    few, few_other_batches = sums(96, 4), sums(7, 4)
+    assert few.count.item() == 96 * 4
+    assert torch.allclose(few.xx, few_other_batches.xx, rtol=1e-12, atol=0)
+    assert not torch.allclose(few.xx, sums(96, 4, seed=1).xx, rtol=1e-3, atol=0), "the seed should choose the rows"
+    assert torch.equal(sums(96, 36).xx, sums(96, None).xx)
