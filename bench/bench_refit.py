@@ -13,11 +13,13 @@ refit's wall time is compared with.
 
     python bench/bench_refit.py [--work DIR] [--archs rankcut:mnist-cnn torchvision:resnet18]
         [--fractions 0.25 0.125 0.0625 0.03125] [--refit-samples 256 1024]
-    python bench/bench_refit.py --alternate SMALL BASE [--rounds 3]
+    python bench/bench_refit.py --alternate SMALL BASE [--rounds 3] [--positions 16]
 
 ``--alternate`` only times ``refit SMALL --teacher BASE`` (256 samples) against one ``finetune`` epoch of SMALL,
 alternated round by round with one torch thread, in CPU seconds (the work done, which preemption by other
-jobs does not change) and wall seconds, after one ``eval`` has paid the imports for both.
+jobs does not change) and wall seconds, after one ``eval`` has paid the imports for both. ``--positions N``
+passes ``refit --positions N`` (N random output positions per sample) to every refit of a run, and with
+``--alternate`` times that refit too.
 
 Every step is the rankcut CLI run in this process (``--json``), so the numbers are what a user gets.
 """
@@ -95,7 +97,7 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
             for n in args.refit_samples:
                 out = work / f"{tag}.refit{n}.safetensors"
                 _, row[f"refit_s_{n}"] = timed("refit", small, "--teacher", base, "--data", TRAIN, "--samples",
-                                               n, "--device", "cpu", "-o", out, "--force")
+                                               n, *positions(args.positions), "--device", "cpu", "-o", out, "--force")
                 row[f"refit_{n}"] = accuracy(out)
             most = max(args.refit_samples)
             if not args.no_finetune:
@@ -106,11 +108,18 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
     return rows, top1
 
 
-def alternate(small: str, base: str, rounds: int) -> None:
-    """Refit (256 samples) against one fine-tune epoch, alternated, in CPU and wall seconds (one thread)."""
+def positions(n: int | None) -> list:
+    return [] if n is None else ["--positions", n]
+
+
+def alternate(small: str, base: str, rounds: int, sampled: int | None) -> None:
+    """Refit (256 samples; also with ``--positions sampled``) against one fine-tune epoch, alternated, in CPU
+    and wall seconds (one thread)."""
     torch.set_num_threads(1)
     rankcut("eval", small, "--data", TEST, "--device", "cpu")  # imports and first calls: paid by neither side
-    commands = {"refit 256": ("refit", small, "--teacher", base, "--data", TRAIN, "--samples", 256),
+    refit = ("refit", small, "--teacher", base, "--data", TRAIN, "--samples", 256)
+    commands = {"refit 256": refit, **({} if sampled is None else {
+                    f"refit 256 --positions {sampled}": (*refit, *positions(sampled))}),
                 "1 epoch": ("finetune", small, "--data", TRAIN, "--epochs", 1, "--batch-size", 64, "--seed", 0)}
     seconds = {name: [] for name in commands}
     loads = []
@@ -127,8 +136,11 @@ def alternate(small: str, base: str, rounds: int) -> None:
     medians = {name: [statistics.median(x[i] for x in runs) for i in (0, 1)] for name, runs in seconds.items()}
     for name, runs in seconds.items():
         table.add_row(name, f"{medians[name][0]:.2f}", f"{medians[name][1]:.2f}", ", ".join(f"{c:.2f}" for c, _ in runs))
-    (rc, rw), (ec, ew) = medians["refit 256"], medians["1 epoch"]
-    table.add_row("ratio", f"{rc / ec:.2f}", f"{rw / ew:.2f}", "")
+    ec, ew = medians["1 epoch"]
+    for name in commands:
+        if name != "1 epoch":
+            rc, rw = medians[name]
+            table.add_row(f"{name} / epoch", f"{rc / ec:.2f}", f"{rw / ew:.2f}", "")
     show(table)
 
 
@@ -145,9 +157,10 @@ def main() -> None:
     p.add_argument("--no-finetune", action="store_true", help="Skip the fine-tune epochs (their columns show -).")
     p.add_argument("--alternate", nargs=2, metavar=("SMALL", "BASE"), help="Only time refit against an epoch.")
     p.add_argument("--rounds", type=int, default=3, help="With --alternate: rounds of refit then epoch.")
+    p.add_argument("--positions", type=int, help="refit --positions N in every refit (with --alternate: as well).")
     args = p.parse_args()
     if args.alternate:
-        alternate(*args.alternate, args.rounds)
+        alternate(*args.alternate, args.rounds, args.positions)
         return
     started = time.perf_counter()
     start_load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -166,7 +179,8 @@ def main() -> None:
                   *(f"refit {n} / epoch" for n in args.refit_samples),
                   title=f"on mnist5k: base top-1 {', '.join(f'{a} {t:.4f}' for a, t in tops.items())} after "
                   f"{args.base_epochs} epochs; stats on {args.samples} images (--grad kl); one fine-tune epoch: "
-                  "4,000 images, batch 64", title_justify="left")
+                  "4,000 images, batch 64" + ("" if args.positions is None else
+                                              f"; refit --positions {args.positions}"), title_justify="left")
     for r in rows:
         if args.no_finetune:
             r.update(tuned=None, refit_tuned=None, epoch_s=None)

@@ -31,6 +31,7 @@ BatchNorm layers left unfolded downstream of the first change get their running 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import asdict, dataclass, field
 
@@ -187,10 +188,17 @@ def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return windows.permute(0, 2, 3, 1, 4, 5)
 
 
-def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs with a 1 appended, outputs) as float64 rows: a conv's input patches and its output pixels."""
+def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor,
+          keep=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs with a 1 appended, outputs) as float64 rows: a conv's input patches and its output pixels.
+
+    ``keep(per)``, given the rows per sample, returns the indices of the rows to build (None: all); only
+    those are copied, so a sample of positions costs what it keeps."""
     if isinstance(layer, nn.Linear):
         inputs, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        chosen = None if keep is None else keep(len(out) // len(x))
+        if chosen is not None:
+            inputs, out = inputs[chosen], out[chosen]
     else:
         inputs = _patches(layer, x)
         out = y.reshape(y.shape[0], y.shape[1], -1)
@@ -198,6 +206,11 @@ def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Ten
             raise RankcutError(f"the teacher's output has {out.shape[2]} positions where this layer computes "
                                f"{inputs.shape[1] * inputs.shape[2]}: the teacher takes other input")
         out = out.transpose(1, 2).reshape(-1, out.shape[1])
+        chosen = None if keep is None else keep(out.shape[0] // len(x))
+        if chosen is not None:  # sample i's position p is row i * per + p, at (h, w) = divmod(p, W')
+            per, width = inputs.shape[1] * inputs.shape[2], inputs.shape[2]
+            inputs = inputs[chosen // per, (chosen % per) // width, chosen % width]
+            out = out[chosen]
     rows = torch.empty(len(out), layer.weight[0].numel() + 1, dtype=torch.float64, device=x.device)
     rows[:, :-1].view(inputs.shape).copy_(inputs)  # one strided copy, no float32 patch matrix in between
     rows[:, -1] = 1
@@ -316,17 +329,14 @@ def teacher_outputs(teacher: nn.Module, targets: list[RefitTarget], batches, ctx
     return kept
 
 
-def sample_positions(xs: torch.Tensor, ys: torch.Tensor, samples: int, positions: int, seed: int,
-                     indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of ``positions`` output positions per sample, drawn without replacement from the sample's own
-    generator (seeded by ``seed`` and its index in the whole data), so the rows kept do not depend on the
-    batch size or the process count. All rows where a sample has no more positions than that."""
-    per = len(xs) // samples
+def sampled_rows(per: int, positions: int, seed: int, indices: list[int]) -> torch.Tensor | None:
+    """The rows of ``positions`` output positions per sample (``per`` rows each), drawn without replacement
+    from each sample's own generator (seeded by ``seed`` and its index in the whole data), so the rows kept do
+    not depend on the batch size or the process count. None (every row) where a sample has no more."""
     if per <= positions:
-        return xs, ys
-    keep = torch.cat([i * per + torch.randperm(per, generator=probe_generator(seed, index))[:positions]
-                      for i, index in enumerate(indices)]).to(xs.device)
-    return xs[keep], ys[keep]
+        return None
+    return torch.cat([i * per + torch.randperm(per, generator=probe_generator(seed, index))[:positions]
+                      for i, index in enumerate(indices)])
 
 
 def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batches, ctx: Context,
@@ -335,7 +345,7 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
                indices=None) -> Sums:
     """One pass: the compressed model's input to ``target`` against the teacher's output at its capture.
 
-    ``positions``: keep only that many output positions (rows) per sample (``sample_positions``; each
+    ``positions``: keep only that many output positions (rows) per sample (``sampled_rows``; each
     sample's index in the whole data from ``indices``, default 0, 1, 2, ...), which divides the cost of a
     conv layer's sums by its positions / ``positions``. ``taught``: the teacher's outputs per batch
     (``teacher_outputs``), else the teacher runs here. The rows
@@ -377,9 +387,9 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
                 else:
                     seen["y"] = taught[i][target.capture]
                 _run_until(model, x)
-                xs, ys = _rows(first, seen["x"], seen["y"])
-                if positions is not None:
-                    xs, ys = sample_positions(xs, ys, len(x), positions, seed, [next(order) for _ in range(len(x))])
+                keep = None if positions is None else functools.partial(
+                    sampled_rows, positions=positions, seed=seed, indices=[next(order) for _ in range(len(x))])
+                xs, ys = _rows(first, seen["x"], seen["y"], keep)
                 if ys.shape[1] != c:
                     raise RankcutError(f"the teacher's {target.capture} has {ys.shape[1]} outputs, {target.name} {c}")
                 sums.add(xs, ys, max_rows)
