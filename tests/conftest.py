@@ -64,8 +64,18 @@ def _plain_environment(monkeypatch):
     monkeypatch.delenv("RANKCUT_TRUST", raising=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_for_the_session():
+    """One intra-op thread before any fixture runs, so module- and session-scoped fixtures (a sweep made once
+    for a module) compute with the same thread count as the tests that compare against them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(_one_thread_for_the_session):
     """One intra-op thread in every test, restored after: float results (and so the thresholds on them) do not
     depend on the machine's core count, and on a busy 2-core machine one thread is faster than two (a 512 x 512
     eigh, a probe pass)."""
