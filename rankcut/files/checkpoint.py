@@ -32,7 +32,7 @@ from rankcut.model.contract import InputContract
 from rankcut.model.edits import Edit, edit_from_dict, edit_to_dict
 from rankcut.errors import RankcutError, one_line
 from rankcut.files.fileio import atomic_write, require_file
-from rankcut.files.weights import is_torch_save_file, mismatches
+from rankcut.files.weights import is_torch_save_file, mismatches, versioned
 
 FORMAT = "rankcut/1"
 _MAX_HEADER_TEXT = 16 << 20
@@ -192,7 +192,7 @@ def load_with_meta(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise RankcutError(f"{path}: tensor {bad} holds NaN or Inf values; the checkpoint is damaged or its "
                            "training diverged")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(versioned(model, state), strict=True)
     except RuntimeError as e:  # names and shapes were checked above; this is a dtype the model cannot take
         raise RankcutError(f"{path}: tensors do not load into the model ({str(e).strip().splitlines()[-1][:200]})") from None
     return model.to(device).eval(), meta

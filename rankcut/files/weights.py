@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 import zipfile
 from pathlib import Path
 
@@ -14,6 +15,15 @@ from rankcut.errors import RankcutError
 _PREFIXES = ("module.", "_orig_mod.")
 _NESTED = ("state_dict", "model", "model_state_dict")
 
+
+
+def versioned(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the per-module ``version`` metadata that ``state_dict()`` attaches and a file of plain
+    tensors loses: some modules refuse to load without it (torchvision's MNASNet raises ``version should be
+    set to 1 or 2``). The model's own versions are right, since the tensors were saved from this code."""
+    out = OrderedDict(state)  # a plain dict takes no attributes
+    out._metadata = {name: {"version": m._version} for name, m in model.named_modules()}  # as state_dict() does
+    return out
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
@@ -105,6 +115,6 @@ def load_weights(model: nn.Module, path: str) -> None:
     if problem:
         raise RankcutError(f"weights in {path} do not fit the architecture: {problem}")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(versioned(model, state), strict=True)
     except RuntimeError as e:  # names and shapes fit; a dtype that cannot be copied (e.g. complex)
         raise RankcutError(f"weights in {path} do not load: {str(e).strip().splitlines()[-1][:200]}") from None

@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from bench_archs import EXACT, check  # noqa: E402
 
-SUBSET = ["torchvision:shufflenet_v2_x0_5", "timm:test_convnext", "timm:test_vit", "timm:test_efficientnet"]
+SUBSET = ["torchvision:shufflenet_v2_x0_5", "torchvision:mnasnet0_5", "timm:test_convnext", "timm:test_vit", "timm:test_efficientnet"]
 
 
 def _assert_passes(row):
