@@ -62,48 +62,38 @@ def _fake_collective(world: int):
     return all_reduce_sum_
 
 
-def test_all_reduce_of_shard_moments_equals_the_moments_of_all_the_data(monkeypatch):
-    cpu = torch.device("cpu")
-    g = torch.Generator().manual_seed(1)
-    shards = [torch.randn(n, 3, generator=g, dtype=torch.float64) * (i + 1) + i for i, n in enumerate((5, 17, 1))]
-    monkeypatch.setattr(moments_module, "all_reduce_sum_", _fake_collective(len(shards)))
-    got = [None] * len(shards)
-
-    def rank(r):
-        got[r] = Moments.of(shards[r]).all_reduce(Context(r, len(shards), torch.device("cpu")))
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(shards))]
+def _all_reduced(parts: list[Moments], monkeypatch) -> list[Moments]:
+    """Each part's ``all_reduce`` as process ``r`` of ``len(parts)``, run in threads over a fake collective."""
+    monkeypatch.setattr(moments_module, "all_reduce_sum_", _fake_collective(len(parts)))
+    got = [None] * len(parts)
+    threads = [threading.Thread(target=lambda r=r: got.__setitem__(r, parts[r].all_reduce(
+        Context(r, len(parts), torch.device("cpu"))))) for r in range(len(parts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=30)
+    return got
+
+
+def test_all_reduce_of_shard_moments_equals_the_moments_of_all_the_data(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    shards = [torch.randn(n, 3, generator=g, dtype=torch.float64) * (i + 1) + i for i, n in enumerate((5, 17, 1))]
+    got = _all_reduced([Moments.of(s) for s in shards], monkeypatch)
     whole = Moments.of(torch.cat(shards))
     for m in got:
         assert m.count == whole.count == 23.0
         torch.testing.assert_close(m.mean, whole.mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(m.m2, whole.m2, rtol=1e-10, atol=1e-10)
     # one observation in all: its mean, whichever process holds it
-    monkeypatch.setattr(moments_module, "all_reduce_sum_", _fake_collective(2))
     lone = [Moments.of(torch.tensor([[2.0, -1.0, 5.0]], dtype=torch.float64)), Moments.empty(3)]
-    threads = [threading.Thread(target=lambda r=r: got.__setitem__(r, lone[r].all_reduce(Context(r, 2, cpu))))
-               for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert [m.count for m in got[:2]] == [1.0, 1.0]
-    for m in got[:2]:
+    got = _all_reduced(lone, monkeypatch)
+    assert [m.count for m in got] == [1.0, 1.0]
+    for m in got:
         torch.testing.assert_close(m.mean, lone[0].mean, rtol=0, atol=0)
     # counts past float32's exact range (2^24): the total is summed in float64
-    monkeypatch.setattr(moments_module, "all_reduce_sum_", _fake_collective(2))
     big = [Moments(2.0 ** 24 + 1, torch.ones(3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)),
            Moments(2.0, torch.ones(3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64))]
-    threads = [threading.Thread(target=lambda r=r: got.__setitem__(r, big[r].all_reduce(Context(r, 2, cpu))))
-               for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    got = _all_reduced(big, monkeypatch)
     assert got[0].count == got[1].count == 2.0 ** 24 + 3
     single = Moments.of(shards[1])
     assert single.all_reduce(Context(0, 1, torch.device("cpu"))) is single  # one process: nothing to combine
