@@ -481,11 +481,14 @@ class EvalConfig:
     latency: bool = False
     threads: int | None = None  # CPU threads while timing; None: as the process has now
     runtime: str = "torch"  # what runs the timed passes: torch, or onnxruntime on exported graphs
+    seconds: float = 20.0  # how long the comparison lasts (at least its minimum of rounds)
 
     def __post_init__(self):
         _check_loading(self.batch_size, self.workers)
         if self.threads is not None and self.threads < 1:
             raise RankcutError(f"--threads must be at least 1, got {self.threads}")
+        if not self.seconds > 0 or self.seconds == float("inf"):
+            raise RankcutError(f"--seconds must be a positive number, got {self.seconds}")
         if self.runtime not in RUNTIMES:
             raise RankcutError(f"unknown runtime {self.runtime!r}; choose from {', '.join(RUNTIMES)}")
 
@@ -507,7 +510,8 @@ def evaluate(models: list[nn.Module], contract: InputContract, dataset: Dataset,
     costs = [{"params": count_params(m), "macs": count_macs(m, contract)[0]} for m in timed]
     if config.latency and ctx.primary:
         latencies = compare_runtime(timed, contract, config.batch_size, ctx.device, runtime=config.runtime,
-                                    threads=config.threads, reference=len(timed) - 1 if reference is not None else 0)
+                                    threads=config.threads, reference=len(timed) - 1 if reference is not None else 0,
+                                    max_seconds=config.seconds)
         for cost, lat in zip(costs, latencies):
             cost["latency"] = lat
     results = []

@@ -97,6 +97,8 @@ def test_api_steps_write_what_the_cli_writes(trained, tmp_path, how):
     (lambda: rankcut.EvalConfig(batch_size=0), "--batch-size must be at least 1"),
     (lambda: rankcut.EvalConfig(latency=True, threads=0), "--threads must be at least 1"),
     (lambda: rankcut.EvalConfig(latency=True, runtime="tvm"), "unknown runtime 'tvm'"),
+    (lambda: rankcut.EvalConfig(latency=True, seconds=0.0), "--seconds must be a positive number"),
+    (lambda: rankcut.EvalConfig(latency=True, seconds=float("nan")), "--seconds must be a positive number"),
 ])
 def test_configs_validate_themselves(make, message):
     with pytest.raises(RankcutError, match=re.escape(message)):

@@ -58,6 +58,9 @@ def evaluate_command(
         "CPU time (robust to other load with --threads 1)."))] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads while timing (default: as now).")] = None,
     runtime: Annotated[str, typer.Option("--runtime", help=f"Runtime to time with --latency: {', '.join(RUNTIMES)}.")] = "torch",
+    seconds: Annotated[float, typer.Option("--seconds", help=(
+        "How long --latency times (at least 10 rounds): the neighbours on a shared machine change the ratio "
+        "itself over tens of seconds, so a longer comparison is a steadier one."))] = 20.0,
     samples: Samples = None,
     batch_size: BatchSize = 64,
     workers: Workers = 0,
@@ -73,7 +76,8 @@ def evaluate_command(
     are, each entry what that checkpoint alone gives ("topk": top-k accuracy, k in "k"). Latencies of
     several models are timed in alternating rounds.
     """
-    config = EvalConfig(batch_size=batch_size, workers=workers, latency=latency, threads=threads, runtime=runtime)
+    config = EvalConfig(batch_size=batch_size, workers=workers, latency=latency, threads=threads, runtime=runtime,
+                        seconds=seconds)
     ctx = dist.setup(device)
     try:
         report = Reporter(quiet, json_out, primary=ctx.primary)

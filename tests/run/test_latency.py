@@ -68,6 +68,20 @@ def test_each_ratio_is_taken_within_its_round(monkeypatch):
     assert timings[1].spread_ms[1] > 2 * timings[1].spread_ms[0], "the fake load should show in the times"
 
 
+def test_a_comparison_lasts_its_seconds_not_a_count_of_rounds():
+    """The ratio moves with the neighbours' load over tens of seconds, so the comparison is timed, not counted:
+    with passes of 2 ms it goes on well past any fixed number of rounds until its seconds are spent."""
+    import time
+
+    def run():
+        time.sleep(0.002)
+
+    began = time.perf_counter()
+    timings = compare([run, run], warmup=1, round_seconds=0.0, max_seconds=0.6)
+    assert time.perf_counter() - began >= 0.6
+    assert timings[1].passes == 1 and timings[1].rounds > 60, f"stopped after {timings[1].rounds} rounds"
+
+
 def test_pinned_threads_refuses_zero():
     from rankcut.errors import RankcutError
 
@@ -78,7 +92,7 @@ def test_pinned_threads_refuses_zero():
 
 def test_eval_latency_reports_interval_threads_and_rounds(mnist_ckpt):
     result = rankcut("eval", mnist_ckpt, "--data", "synthetic:8", "--reference", mnist_ckpt, "--latency", "-b", "2",
-                     "--threads", "1", "--device", "cpu", "--json")["results"][0]
+                     "--threads", "1", "--seconds", "0.5", "--device", "cpu", "--json")["results"][0]
     lat, ref = result["latency"], result["reference"]["latency"]
     assert lat["threads"] == ref["threads"] == 1 and lat["runtime"] == "torch"
     assert ref["ratio"] == 1.0 and result["ratios"]["latency"] == lat["ratio"]
@@ -90,7 +104,7 @@ def test_eval_latency_in_onnxruntime(mnist_ckpt, tmp_path):
     small = tmp_path / "small.safetensors"
     rankcut("project", mnist_ckpt, "--method", "svd", "--keep", "0.25", "-o", small)
     result = rankcut("eval", small, "--data", "synthetic:8", "--reference", mnist_ckpt, "--latency", "-b", "8",
-                     "--threads", "1", "--runtime", "onnxruntime", "--device", "cpu", "--json")["results"][0]
+                     "--threads", "1", "--runtime", "onnxruntime", "--seconds", "1", "--device", "cpu", "--json")["results"][0]
     lat = result["latency"]
     assert lat["runtime"] == "onnxruntime" and lat["threads"] == 1 and result["reference"]["latency"]["ratio"] == 1.0
     # rank 0.25 of conv2 and fc1 leaves 0.32x the MACs; in CPU time the graph must be clearly cheaper
