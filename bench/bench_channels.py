@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -87,11 +88,15 @@ def tp_at_budget(model, contract, importance: str, fraction: float, batches) -> 
     return best
 
 
-def rankcut_model(label: str, base: Path, stats: Path, fraction: float, out: Path, extra: list[str]) -> torch.nn.Module:
-    """``rankcut project`` at ``--macs fraction`` with the label's structure; the written checkpoint, loaded."""
+def rankcut_model(label: str, base: Path, stats: Path, fraction: float, out: Path, extra: list[str],
+                  suffix: str) -> torch.nn.Module:
+    """``rankcut project`` at ``--macs fraction`` with the label's structure; the written checkpoint, loaded.
+
+    The checkpoint is ``OUT/LABEL[SUFFIX]-FRACTION.safetensors``, so a ``--round-channels`` run keeps its own.
+    """
     how = {"pair": ["--method", "fisher"], "channels": ["--structure", "channels", *extra],
            "auto": ["--structure", "auto", "--method", "fisher", *extra]}[label]
-    path = out / f"{label}-{fraction:g}.safetensors"
+    path = out / f"{label}{suffix}-{fraction:g}.safetensors"
     rankcut("project", base, "--stats", stats, *how, "--macs", fraction, "-o", path, "--quiet")
     return load_with_meta(path)[0]
 
@@ -135,7 +140,8 @@ def run_arch(arch: str, out: Path, args) -> Table:
     suffix = "" if args.round_channels is None else f"-round{args.round_channels}"
     for fraction in args.budgets:
         for label in args.only or LABELS:
-            key = f"{label}{suffix if label in ('channels', 'auto') else ''}@{fraction:g}"
+            tag = suffix if label in ("channels", "auto") else ""
+            key = f"{label}{tag}@{fraction:g}"
             if key in rows or args.no_run:
                 continue
             started = time.time()
@@ -143,7 +149,7 @@ def run_arch(arch: str, out: Path, args) -> Table:
                 if label.startswith("tp-"):
                     model, ratio = tp_at_budget(original, meta.input, label[3:], fraction, batches)
                 else:
-                    model, ratio = rankcut_model(label, base, stats, fraction, out, extra), None
+                    model, ratio = rankcut_model(label, base, stats, fraction, out, extra, tag), None
             except RuntimeError as e:  # e.g. channels alone cannot reach the budget (resnet18's residual stream)
                 rows[key] = {"error": str(e).rpartition("error: ")[2]}
                 rows_path.write_text(json.dumps(rows, indent=1))
@@ -191,10 +197,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="rankcut-bench-channels-"))
-    started = time.time()
+    started, load = time.time(), os.getloadavg()[0]
     for arch in args.archs:
         table = run_arch(arch, out / arch, args)
-        table.caption = f"whole run so far {time.time() - started:.0f} s"
+        table.caption = (f"whole run so far {time.time() - started:.0f} s; 1-minute load average {load:.1f} at the "
+                         f"start, {os.getloadavg()[0]:.1f} now")
         show(table)
 
 
