@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankcut.compress.replay import Replay
 from rankcut.dist import Context, all_gather_rows, all_reduce_sum_
 from rankcut.errors import RankcutError
 from rankcut.model.contract import InputContract
@@ -171,9 +172,9 @@ class _Stop(Exception):
     """Raised by a hook once the layer it watches has run: the rest of the forward pass is not needed."""
 
 
-def _run_until(model: nn.Module, x: torch.Tensor) -> None:
+def _run_until(run, *args) -> None:
     try:
-        model(x)
+        run(*args)
     except _Stop:
         return
     raise RankcutError("the refitted layer never ran on the data")
@@ -235,7 +236,7 @@ class Sums:
     def dual(self) -> bool:
         return self.rows_x is not None
 
-    def to_primal(self) -> "Sums":
+    def to_primal(self) -> Sums:
         """Replace the rows by their Gram matrix x~ x~' (for when there are more rows than inputs)."""
         if self.dual:
             self.xx = self.rows_x.T @ self.rows_x
@@ -256,7 +257,7 @@ class Sums:
         self.y += ys.sum(0)
         self.count += len(xs)
 
-    def all_reduce(self, ctx: Context, max_rows: int) -> "Sums":
+    def all_reduce(self, ctx: Context, max_rows: int) -> Sums:
         """Combine the processes' sums: the rows of all (in rank order) if together at most ``max_rows``, else
         the sum of their Gram matrices. Every process has at most the total, so all agree on the form."""
         all_reduce_sum_([self.yx, self.yy, self.y, self.count], ctx)
@@ -342,7 +343,7 @@ def sampled_rows(per: int, positions: int, seed: int, indices: list[int]) -> tor
 def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batches, ctx: Context,
                advance=lambda: None, max_rows: int | None = None,
                taught: list[dict[str, torch.Tensor]] | None = None, positions: int | None = None, seed: int = 0,
-               indices=None) -> Sums:
+               indices=None, replay: Replay | None = None) -> Sums:
     """One pass: the compressed model's input to ``target`` against the teacher's output at its capture.
 
     ``positions``: keep only that many output positions (rows) per sample (``sampled_rows``; each
@@ -351,7 +352,9 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
     (``teacher_outputs``), else the teacher runs here. The rows
     are kept (dual form) while there are at most ``max_rows`` of them (default: P, the inputs per output + 1),
     since then they take less memory and time than the P x P Gram matrix (a linear layer reading 9,216
-    features on 1,024 samples: 75 MB of rows against 680 MB).
+    features on 1,024 samples: 75 MB of rows against 680 MB). ``replay``: the compressed model's pass starts
+    from the kept input of the deepest block holding the layer (``Replay``), and keeps the inputs of the
+    blocks it enters for the next layers; with ``taught`` as well, the data are not read at all.
     """
     layer = model.get_submodule(target.name)
     first = input_side(layer)
@@ -375,20 +378,28 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
 
     sums = Sums(zeros(c, p), zeros(()), zeros(c), zeros(()), rows_x=zeros(0, p), rows_y=zeros(0, c))
     order = iter(indices if indices is not None else itertools.count())
+    start = replay.start(target.name) if replay is not None else None
     handles = [layer.register_forward_pre_hook(take_input)]
+    if replay is not None:
+        handles += replay.keeping(replay.to_keep(target.name, start))
     if taught is None:
         handles.append(teacher.get_submodule(target.capture).register_forward_hook(take_output))
+    data = batches if start is None or taught is None else itertools.repeat((None, None), len(replay.kept[start]))
     try:
         with torch.inference_mode():
-            for i, (x, _) in enumerate(batches):
-                x = x.to(dev, non_blocking=True)
+            for i, (x, _) in enumerate(data):
+                x = None if x is None else x.to(dev, non_blocking=True)
                 if taught is None:
                     _run_until(teacher, x)
                 else:
                     seen["y"] = taught[i][target.capture]
-                _run_until(model, x)
+                if start is None:
+                    _run_until(model, x)
+                else:
+                    _run_until(replay.run, start, i)
                 keep = None if positions is None else functools.partial(
-                    sampled_rows, positions=positions, seed=seed, indices=[next(order) for _ in range(len(x))])
+                    sampled_rows, positions=positions, seed=seed,
+                    indices=[next(order) for _ in range(len(seen["y"]))])
                 xs, ys = _rows(first, seen["x"], seen["y"], keep)
                 if ys.shape[1] != c:
                     raise RankcutError(f"the teacher's {target.capture} has {ys.shape[1]} outputs, {target.name} {c}")
@@ -440,7 +451,7 @@ class Problem:
     _last: tuple = field(default=(None, None), repr=False)  # (G, G A G') of the last gram: the objective's reuse
 
     @classmethod
-    def of(cls, sums: Sums, damping: float, bias: bool) -> "Problem":
+    def of(cls, sums: Sums, damping: float, bias: bool) -> Problem:
         n = sums.count.item()
         if n == 0:
             raise RankcutError("no samples reached the layer")
