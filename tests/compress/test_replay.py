@@ -57,9 +57,11 @@ def _compressed() -> tuple[nn.Module, nn.Module, TensorDataset]:
 
 def test_passes_from_kept_block_inputs_give_the_same_refit_and_skip_the_stem(monkeypatch):
     """Six pairs in four blocks: with replay the stem (a pair, so also a refitted layer) runs in the passes
-    that enter a new stage only; without (no block fits in 0 bytes) in every pass. The weights are equal."""
+    that enter a new stage only; without (no block fits in 0 bytes) in every pass. The weights are equal, also
+    with the teacher run beside each pass instead of its outputs kept."""
     model, teacher, data = _compressed()
     plain, before = copy.deepcopy(model), copy.deepcopy(model).state_dict()
+    alongside = copy.deepcopy(model)  # the teacher's outputs not kept: it runs beside each pass
     calls = {"replay": 0, "plain": 0}
 
     def count(key):
@@ -70,10 +72,13 @@ def test_passes_from_kept_block_inputs_give_the_same_refit_and_skip_the_stem(mon
     model.stem.register_forward_pre_hook(count("replay"))
     plain.stem.register_forward_pre_hook(count("plain"))
     refit(model, teacher, CONTRACT, data, RefitConfig(batch_size=32))
+    monkeypatch.setattr("rankcut.compress.refit.CACHE_BYTES", 0)
+    refit(alongside, teacher, CONTRACT, data, RefitConfig(batch_size=32))
     monkeypatch.setattr("rankcut.api.CACHE_BYTES", 0)
     refit(plain, teacher, CONTRACT, data, RefitConfig(batch_size=32))
     for key, value in plain.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+        assert torch.equal(alongside.state_dict()[key], value), key
     assert not torch.equal(before["stage2.1.conv2.up.weight"], plain.state_dict()["stage2.1.conv2.up.weight"])
     batches = 3  # 80 samples, 32 a batch
     # The pass of each of the six targets (the stem's own stops before it runs) and the probes: the stem runs
