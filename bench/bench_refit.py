@@ -7,12 +7,13 @@ briefly on ``mnist5k:train``; at each MACs fraction, project with ``--macs F`` (
 --grad kl``), and again with ``--sequential`` (the same ranks, each basis measured on the model with the
 layers before it projected, on the statistics' images); refit the plain projection against the trained base
 on 256 and 1,024 training images (no labels) and evaluate on ``mnist5k:test`` (1,000 digits: differences
-under about 1% are noise). The projected model and the refit on the most samples are each fine-tuned for one
-epoch (4,000 images, ``--seed 0``); the projected model's epoch, run just before the refits, is the one
-refit's wall time is compared with.
+under about 1% are noise); the base and its statistics in ``--work`` are reused. The projected model and the
+refit on the most samples are each fine-tuned for one epoch (4,000 images, ``--seed 0``, ``--finetune-lr``);
+the projected model's epoch, run just before the refits, is the one refit's wall time is compared with.
 
     python bench/bench_refit.py [--work DIR] [--archs rankcut:mnist-cnn torchvision:resnet18]
-        [--fractions 0.25 0.125 0.0625 0.03125] [--refit-samples 256 1024]
+        [--fractions 0.25 0.125 0.0625 0.03125] [--refit-samples 256 1024] [--finetune-lr 1e-3]
+        [--no-sequential] [--no-finetune]
     python bench/bench_refit.py --alternate SMALL BASE [--rounds 3] [--positions 16]
 
 ``--alternate`` only times ``refit SMALL --teacher BASE`` (256 samples) against one ``finetune`` epoch of SMALL,
@@ -58,10 +59,10 @@ def timed(*args) -> tuple[dict, float]:
     return result, time.perf_counter() - start
 
 
-def epoch(checkpoint: Path, out: Path) -> tuple[float, float]:
-    """One fine-tune epoch (seed 0): the tuned model's top-1 and the epoch's wall time."""
+def epoch(checkpoint: Path, out: Path, lr: float) -> tuple[float, float]:
+    """One fine-tune epoch (seed 0, peak learning rate ``lr``): the tuned model's top-1 and the epoch's wall time."""
     _, seconds = timed("finetune", checkpoint, "--data", TRAIN, "--epochs", 1, "--batch-size", 64, "--seed", 0,
-                       "--device", "cpu", "-o", out, "--force")
+                       "--lr", lr, "--device", "cpu", "-o", out, "--force")
     return accuracy(out), seconds
 
 
@@ -79,8 +80,9 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
                 "--seed", "0", "--device", "cpu", "-o", base, "--force")
     top1 = accuracy(base)
     log(f"{arch}: base top-1 {top1:.4f}")
-    rankcut("stats", base, "--data", TRAIN, "--samples", args.samples, "--grad", "kl", "--device", "cpu",
-            "-o", stats, "--force")
+    if not stats.exists():
+        rankcut("stats", base, "--data", TRAIN, "--samples", args.samples, "--grad", "kl", "--device", "cpu",
+                "-o", stats, "--force")
     rows = []
     for fraction in args.fractions:
         for method in args.methods:
@@ -88,12 +90,14 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
             small, sequential = work / f"{tag}.safetensors", work / f"{tag}.seq.safetensors"
             budget = ["--stats", stats, "--method", method, "--macs", fraction]
             rankcut("project", base, *budget, "-o", small, "--force")
-            _, seq_s = timed("project", base, *budget, "--sequential", "--data", TRAIN, "--samples", args.samples,
-                             "--device", "cpu", "-o", sequential, "--force")
             row = {"arch": arch, "fraction": fraction, "method": method, "projected": accuracy(small),
-                   "sequential": accuracy(sequential), "sequential_s": seq_s}
+                   "sequential": None, "sequential_s": None}
+            if not args.no_sequential:
+                _, row["sequential_s"] = timed("project", base, *budget, "--sequential", "--data", TRAIN, "--samples",
+                                               args.samples, "--device", "cpu", "-o", sequential, "--force")
+                row["sequential"] = accuracy(sequential)
             if not args.no_finetune:
-                row["tuned"], row["epoch_s"] = epoch(small, work / f"{tag}.tuned.safetensors")
+                row["tuned"], row["epoch_s"] = epoch(small, work / f"{tag}.tuned.safetensors", args.finetune_lr)
             for n in args.refit_samples:
                 out = work / f"{tag}.refit{n}.safetensors"
                 _, row[f"refit_s_{n}"] = timed("refit", small, "--teacher", base, "--data", TRAIN, "--samples",
@@ -102,7 +106,7 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
             most = max(args.refit_samples)
             if not args.no_finetune:
                 row["refit_tuned"], _ = epoch(work / f"{tag}.refit{most}.safetensors",
-                                              work / f"{tag}.refit{most}.tuned.safetensors")
+                                              work / f"{tag}.refit{most}.tuned.safetensors", args.finetune_lr)
             rows.append(row)
             log(f"{tag}: {row}")
     return rows, top1
@@ -155,6 +159,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1000, help="Training images for the statistics (and --sequential).")
     p.add_argument("--base-epochs", type=int, default=2)
     p.add_argument("--no-finetune", action="store_true", help="Skip the fine-tune epochs (their columns show -).")
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="Peak learning rate of both fine-tune epochs "
+                   "(finetune's default 1e-3).")
+    p.add_argument("--no-sequential", action="store_true", help="Skip project --sequential (its columns show -).")
     p.add_argument("--alternate", nargs=2, metavar=("SMALL", "BASE"), help="Only time refit against an epoch.")
     p.add_argument("--rounds", type=int, default=3, help="With --alternate: rounds of refit then epoch.")
     p.add_argument("--positions", type=int, help="refit --positions N in every refit (with --alternate: as well).")
@@ -179,7 +186,7 @@ def main() -> None:
                   *(f"refit {n} / epoch" for n in args.refit_samples),
                   title=f"on mnist5k: base top-1 {', '.join(f'{a} {t:.4f}' for a, t in tops.items())} after "
                   f"{args.base_epochs} epochs; stats on {args.samples} images (--grad kl); one fine-tune epoch: "
-                  "4,000 images, batch 64" + ("" if args.positions is None else
+                  f"4,000 images, batch 64, --lr {args.finetune_lr:g}" + ("" if args.positions is None else
                                               f"; refit --positions {args.positions}"), title_justify="left")
     for r in rows:
         if args.no_finetune:
@@ -187,10 +194,10 @@ def main() -> None:
         gap = tops[r["arch"]] - r["projected"]
         closed = f"{(r[f'refit_{least}'] - r['projected']) / gap:.0%}" if gap > 0 else "no gap"
         table.add_row(r["arch"].split(":")[1], f"{100 * r['fraction']:.3g}%", r["method"], f"{r['projected']:.4f}",
-                      f"{r['sequential']:.4f}", *(f"{r[f'refit_{n}']:.4f}" for n in args.refit_samples), closed,
+                      figure(r["sequential"], ".4f"), *(f"{r[f'refit_{n}']:.4f}" for n in args.refit_samples), closed,
                       figure(r["tuned"], ".4f"), figure(r["refit_tuned"], ".4f"),
                       *(f"{r[f'refit_s_{n}']:.1f}" for n in args.refit_samples), figure(r["epoch_s"], ".1f"),
-                      f"{r['sequential_s']:.1f}",
+                      figure(r["sequential_s"], ".1f"),
                       *(figure(r["epoch_s"] and r[f"refit_s_{n}"] / r["epoch_s"], ".2f") for n in args.refit_samples))
     show(table)
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())

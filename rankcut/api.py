@@ -27,9 +27,10 @@ from rankcut.compress.auto import AutoResult, auto_model
 from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budget, ranks_from_keep
 from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
 from rankcut.compress.project import LayerReport, project_model
-from rankcut.compress.refit import (LayerRefit, batchnorms_after_change, layer_sums, reestimate_batchnorm,
-                                    refit_one, refit_targets, teacher_cache_fits,
+from rankcut.compress.refit import (CACHE_BYTES, LayerRefit, batchnorms_after_change, layer_sums,
+                                    reestimate_batchnorm, refit_one, refit_targets, teacher_cache_fits,
                                     teacher_outputs)
+from rankcut.compress.replay import Replay
 from rankcut.compress.prune import PruneResult, fitting_chains, prune_model
 from rankcut.compress.sequential import project_sequential
 from rankcut.compress.timed import latency_total, never_faster, slower_pairs, timed_options
@@ -583,7 +584,8 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
           config: RefitConfig, *, ctx: dist.Context | None = None, progress=None) -> RefitResult:
     """Refit ``model``'s compressed layers in place so each matches ``teacher``'s output there (``compress.refit``).
 
-    One pass over ``dataset`` per refitted layer (the compressed model, stopped at that layer; the teacher's
+    One pass over ``dataset`` per refitted layer (the compressed model, stopped at that layer and started from
+    the kept input of the deepest block holding it, ``compress.replay``; the teacher's
     outputs at every layer from one pass of its own where they fit in ``compress.refit.CACHE_BYTES``), plus one pass
     before and one after to re-estimate the unfolded BatchNorms downstream of the first change. With
     ``bn_only`` only the BatchNorms (``teacher`` may then be None: all BatchNorms). Under torchrun each process
@@ -605,10 +607,11 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
     if targets and teacher_cache_fits(teacher, targets, contract, len(batches.dataset)):
         taught = teacher_outputs(teacher, targets, batches, ctx, stage("teacher outputs"))
     reports = []
+    replay = Replay(model, contract, len(batches.dataset), CACHE_BYTES) if targets else None
     for target in targets:
         sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"), taught=taught,
                           positions=config.positions, seed=config.seed,
-                          indices=shard_indices(len(dataset), ctx.rank, ctx.world))
+                          indices=shard_indices(len(dataset), ctx.rank, ctx.world), replay=replay)
         reports.append(refit_one(model, target, sums, config.damping, config.rounds))
     if any(r.status == "refit" for r in reports) and norms:
         reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics, after the refits"))

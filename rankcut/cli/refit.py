@@ -67,7 +67,8 @@ def refit(
     re-estimated. A layer keeps its weights when the refit would not lower its error. Structure and ranks
     never change.
 
-    Cost: one forward pass of the compressed model over the N samples per refitted layer, one of the teacher
+    Cost: one forward pass of the compressed model over the N samples per refitted layer (started from the
+    kept input of the block holding the layer, e.g. a residual block, where it fits in 512 MiB), one of the teacher
     for all of them (its outputs kept in memory up to 512 MiB, else one per layer), and per layer a float64
     matrix of P x P, P = inputs per output + 1 (8 P^2 bytes: 170 MB for a 3x3 conv reading 512 channels),
     factorised once (P^3 / 3 operations); with no more rows (N x output positions) than P, the rows are kept

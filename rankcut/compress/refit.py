@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankcut.compress.replay import Replay
 from rankcut.dist import Context, all_gather_rows, all_reduce_sum_
 from rankcut.errors import RankcutError
 from rankcut.model.contract import InputContract
@@ -171,9 +172,9 @@ class _Stop(Exception):
     """Raised by a hook once the layer it watches has run: the rest of the forward pass is not needed."""
 
 
-def _run_until(model: nn.Module, x: torch.Tensor) -> None:
+def _run_until(run, *args) -> None:
     try:
-        model(x)
+        run(*args)
     except _Stop:
         return
     raise RankcutError("the refitted layer never ran on the data")
@@ -217,6 +218,20 @@ def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return rows, out.double()
 
 
+def gram(x: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """``x' x``, with each off-diagonal block computed once and mirrored: for a wide ``x`` about two thirds of
+    the products of ``x.T @ x`` (torch has no symmetric rank-k product), the same sums of the same terms."""
+    p = x.shape[1]
+    if p <= leaf:
+        return x.T @ x
+    h = p // 2
+    left, right = x[:, :h], x[:, h:]
+    out = torch.empty(p, p, dtype=x.dtype, device=x.device)
+    out[:h, :h], out[h:, h:], out[:h, h:] = gram(left, leaf), gram(right, leaf), left.T @ right
+    out[h:, :h] = out[:h, h:].T
+    return out
+
+
 @dataclass
 class Sums:
     """float64 sums over every output position: y x~', |y|^2, y and the count, with either x~ x~' (``xx``, the
@@ -235,10 +250,10 @@ class Sums:
     def dual(self) -> bool:
         return self.rows_x is not None
 
-    def to_primal(self) -> "Sums":
+    def to_primal(self) -> Sums:
         """Replace the rows by their Gram matrix x~ x~' (for when there are more rows than inputs)."""
         if self.dual:
-            self.xx = self.rows_x.T @ self.rows_x
+            self.xx = gram(self.rows_x)
             self.rows_x = self.rows_y = None
         return self
 
@@ -250,13 +265,13 @@ class Sums:
             self.rows_x = torch.cat([self.rows_x, xs])
             self.rows_y = torch.cat([self.rows_y, ys])
         else:
-            self.xx += xs.T @ xs
+            self.xx += gram(xs)
         self.yx += ys.T @ xs
         self.yy += (ys * ys).sum()
         self.y += ys.sum(0)
         self.count += len(xs)
 
-    def all_reduce(self, ctx: Context, max_rows: int) -> "Sums":
+    def all_reduce(self, ctx: Context, max_rows: int) -> Sums:
         """Combine the processes' sums: the rows of all (in rank order) if together at most ``max_rows``, else
         the sum of their Gram matrices. Every process has at most the total, so all agree on the form."""
         all_reduce_sum_([self.yx, self.yy, self.y, self.count], ctx)
@@ -342,7 +357,7 @@ def sampled_rows(per: int, positions: int, seed: int, indices: list[int]) -> tor
 def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batches, ctx: Context,
                advance=lambda: None, max_rows: int | None = None,
                taught: list[dict[str, torch.Tensor]] | None = None, positions: int | None = None, seed: int = 0,
-               indices=None) -> Sums:
+               indices=None, replay: Replay | None = None) -> Sums:
     """One pass: the compressed model's input to ``target`` against the teacher's output at its capture.
 
     ``positions``: keep only that many output positions (rows) per sample (``sampled_rows``; each
@@ -351,7 +366,9 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
     (``teacher_outputs``), else the teacher runs here. The rows
     are kept (dual form) while there are at most ``max_rows`` of them (default: P, the inputs per output + 1),
     since then they take less memory and time than the P x P Gram matrix (a linear layer reading 9,216
-    features on 1,024 samples: 75 MB of rows against 680 MB).
+    features on 1,024 samples: 75 MB of rows against 680 MB). ``replay``: the compressed model's pass starts
+    from the kept input of the deepest block holding the layer (``Replay``), and keeps the inputs of the
+    blocks it enters for the next layers; with ``taught`` as well, the data are not read at all.
     """
     layer = model.get_submodule(target.name)
     first = input_side(layer)
@@ -375,20 +392,28 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
 
     sums = Sums(zeros(c, p), zeros(()), zeros(c), zeros(()), rows_x=zeros(0, p), rows_y=zeros(0, c))
     order = iter(indices if indices is not None else itertools.count())
+    start = replay.start(target.name) if replay is not None else None
     handles = [layer.register_forward_pre_hook(take_input)]
+    if replay is not None:
+        handles += replay.keeping(replay.to_keep(target.name, start))
     if taught is None:
         handles.append(teacher.get_submodule(target.capture).register_forward_hook(take_output))
+    data = batches if start is None or taught is None else itertools.repeat((None, None), len(replay.kept[start]))
     try:
         with torch.inference_mode():
-            for i, (x, _) in enumerate(batches):
-                x = x.to(dev, non_blocking=True)
+            for i, (x, _) in enumerate(data):
+                x = None if x is None else x.to(dev, non_blocking=True)
                 if taught is None:
                     _run_until(teacher, x)
                 else:
                     seen["y"] = taught[i][target.capture]
-                _run_until(model, x)
+                if start is None:
+                    _run_until(model, x)
+                else:
+                    _run_until(replay.run, start, i)
                 keep = None if positions is None else functools.partial(
-                    sampled_rows, positions=positions, seed=seed, indices=[next(order) for _ in range(len(x))])
+                    sampled_rows, positions=positions, seed=seed,
+                    indices=[next(order) for _ in range(len(seen["y"]))])
                 xs, ys = _rows(first, seen["x"], seen["y"], keep)
                 if ys.shape[1] != c:
                     raise RankcutError(f"the teacher's {target.capture} has {ys.shape[1]} outputs, {target.name} {c}")
@@ -415,12 +440,19 @@ def _pinv_psd(m: torch.Tensor) -> torch.Tensor:
     return (vectors * inv) @ vectors.T
 
 
-def _right_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``b a^-1`` for symmetric positive (semi-)definite ``a``: Cholesky, or the pseudo-inverse if singular."""
+def _right_solver(a: torch.Tensor):
+    """``b -> b a^-1`` for symmetric positive (semi-)definite ``a``, factorised once: Cholesky, or the
+    pseudo-inverse if singular."""
     chol, info = torch.linalg.cholesky_ex(a)
     if info.item() == 0:
-        return torch.cholesky_solve(b.T, chol).T
-    return b @ _pinv_psd(a)
+        return lambda b: torch.cholesky_solve(b.T, chol).T
+    inverse = _pinv_psd(a)
+    return lambda b: b @ inverse
+
+
+def _right_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b a^-1`` for symmetric positive (semi-)definite ``a``."""
+    return _right_solver(a)(b)
 
 
 @dataclass
@@ -438,9 +470,10 @@ class Problem:
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
     _last: tuple = field(default=(None, None), repr=False)  # (G, G A G') of the last gram: the objective's reuse
+    _solver: object = field(default=None, repr=False)  # left -> left B A'^-1, factorised on first use
 
     @classmethod
-    def of(cls, sums: Sums, damping: float, bias: bool) -> "Problem":
+    def of(cls, sums: Sums, damping: float, bias: bool) -> Problem:
         n = sums.count.item()
         if n == 0:
             raise RankcutError("no samples reached the layer")
@@ -482,27 +515,41 @@ class Problem:
             h = h + self.delta * (w @ w.T)
         return h
 
-    def solve(self) -> torch.Tensor:
-        """The whole layer's map ``B A'^-1`` (C x P; bias last when it has one)."""
+    def solve(self, left: torch.Tensor | None = None) -> torch.Tensor:
+        """``left B A'^-1`` (default: ``B A'^-1``, the whole layer's map, C x P; bias last when it has one).
+
+        The factorisation is kept: a pair's down steps ask for ``up^+ B A'^-1`` each round, k right-hand
+        sides instead of C, and reuse it."""
+        if self._solver is None:
+            self._solver = self._factorise()
+        return self._solver(left)
+
+    def _factorise(self):
+        """``left -> left B A'^-1``, with ``A'`` (or, in the dual form, the rows' n x n matrix) factorised."""
         if self.a is not None:
             mask = torch.ones(self.a.shape[0], dtype=self.a.dtype, device=self.a.device)
             if self.bias:
                 mask[-1] = 0
-            return _right_solve(self.a + torch.diag(mask * self.delta), self.b)
+            solver = _right_solver(self.a + torch.diag(mask * self.delta))
+            return lambda left: solver(self.b if left is None else left @ self.b)
         x, y = self.x, self.y
+        eye = torch.eye(len(x), dtype=x.dtype, device=x.device)
         if self.bias and self.delta:
             # The bias is not damped: centre (x and y around their means), solve for the weights, then the bias.
             scale = x[:, -1:]  # 1/sqrt(n) on every row
-            n = len(x)
             x_mean, y_mean = (x[:, :-1] * scale).sum(0), (y * scale).sum(0)
             x, y = x[:, :-1] - scale * x_mean, y - scale * y_mean
-            eye = torch.eye(n, dtype=x.dtype, device=x.device)
-            w = _right_solve(x @ x.T + self.delta * eye, y.T) @ x
-            return torch.cat([w, (y_mean - w @ x_mean)[:, None]], 1)
+            solver = _right_solver(gram(x.T) + self.delta * eye)
+
+            def centred(left):
+                yl, ml = (y, y_mean) if left is None else (y @ left.T, left @ y_mean)
+                w = solver(yl.T) @ x
+                return torch.cat([w, (ml - w @ x_mean)[:, None]], 1)
+            return centred
         # B (A + delta I)^-1 = y' (x x' + delta I)^-1 x; with delta = 0 the pseudo-inverse, which (as the
         # nonzero eigenvalues of x x' are those of A) is the primal's minimum-norm solution.
-        eye = torch.eye(len(x), dtype=x.dtype, device=x.device)
-        return _right_solve(x @ x.T + self.delta * eye, y.T) @ x
+        solver = _right_solver(gram(x.T) + self.delta * eye)
+        return lambda left: solver((y if left is None else y @ left.T).T) @ x
 
     def objective(self, v: torch.Tensor, g: torch.Tensor, damped: bool = True) -> float:
         """``f(V G)`` (``damped``) or the plain mean squared error, with the map factored as ``V G``."""
@@ -523,11 +570,11 @@ def refit_pair(problem: Problem, down: torch.Tensor, up: torch.Tensor, up_bias: 
     Returns the new ``down``, ``up``, ``up_bias`` and the objective before and after every half step.
     """
     e = _unit(problem.b.shape[1], down)
-    solved = problem.solve()  # B A'^-1: solved once per layer, reused by every down step
 
     history = [problem.objective(torch.cat([up, up_bias[:, None]], 1), torch.cat([down, e], 0))]
     for _ in range(rounds):
-        down = torch.linalg.pinv(up) @ (solved - up_bias[:, None] @ e)
+        left = torch.linalg.pinv(up)  # k x C: the down step needs only these k combinations of B A'^-1
+        down = problem.solve(left) - (left @ up_bias)[:, None] @ e
         g = torch.cat([down, e], 0)
         history.append(problem.objective(torch.cat([up, up_bias[:, None]], 1), g))
         vg = _right_solve(problem.gram(g), problem.b @ g.T)

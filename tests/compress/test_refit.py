@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 import torch.nn.functional as F
 
 from rankcut.api import RefitConfig, refit
-from rankcut.compress.refit import Problem, RefitTarget, Sums, _rows, layer_sums, refit_one, refit_pair
+from rankcut.compress.refit import Problem, RefitTarget, Sums, _rows, gram, layer_sums, refit_one, refit_pair
 from rankcut.dist import Context
 from rankcut.errors import RankcutError
 from rankcut.model.archs import InputContract
@@ -232,9 +232,11 @@ def test_primal_and_dual_forms_solve_the_same_problem(bias, damping):
     down = torch.randn(3, p, generator=g, dtype=torch.float64)
     up, up_bias = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
     expected = refit_pair(primal, down, up, up_bias, rounds=2)
+    left = torch.randn(3, 7, generator=g, dtype=torch.float64)
     for name, problem in problems.items():
         assert problem.delta == pytest.approx(primal.delta, rel=1e-12)
         assert _relative(problem.solve(), primal.solve()) < 1e-6, name
+        assert _relative(problem.solve(left), left @ primal.solve()) < 1e-6, name  # a pair's k-row down solve
         assert _relative(problem.gram(down), primal.gram(down)) < 1e-9, name
         got = refit_pair(problem, down, up, up_bias, rounds=2)
         for a, b in zip(got[:3], expected[:3]):
@@ -252,6 +254,13 @@ def test_primal_and_dual_forms_solve_the_same_problem(bias, damping):
     for problem in problems.values():
         assert _relative(problem.gram(down), down @ a_reg @ down.T) < 1e-9
         assert _relative(problem.gram(down, damped=False), down @ a @ down.T) < 1e-9
+
+
+@pytest.mark.parametrize("width", [5, 64, 129])
+def test_gram_is_x_transpose_x(width):
+    """Off-diagonal blocks computed once and mirrored (leaves of 16 columns here): x'x to rounding."""
+    x = torch.randn(40, width, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert _relative(gram(x, leaf=16), x.T @ x) < 1e-14
 
 
 def test_a_wide_layer_is_refitted_from_its_rows_the_same_as_from_its_gram_matrix():
