@@ -46,7 +46,7 @@ from rankcut.model.contract import InputContract
 from rankcut.model.forward import probe
 from rankcut.model.layers import LowRank, input_side, out_width, plain_batchnorm
 from rankcut.model.targets import trace
-from rankcut.stats.collect import probe_generator
+from rankcut.stats.collect import sample_generator
 
 # ---------------------------------------------------------------------------------------------- what to refit
 
@@ -350,7 +350,7 @@ def sampled_rows(per: int, positions: int, seed: int, indices: list[int]) -> tor
     not depend on the batch size or the process count. None (every row) where a sample has no more."""
     if per <= positions:
         return None
-    return torch.cat([i * per + torch.randperm(per, generator=probe_generator(seed, index))[:positions]
+    return torch.cat([i * per + torch.randperm(per, generator=sample_generator(seed, index))[:positions]
                       for i, index in enumerate(indices)])
 
 

@@ -72,8 +72,9 @@ def _empty_like(model: nn.Module, target: Target) -> Moments:
 LOSSES = ("kl", "mse")
 
 
-def probe_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of sample ``index``'s probes: the same wherever the sample lands (process, batch).
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of sample ``index``'s random draws (its probes here, its sampled positions in refit): the
+    same wherever the sample lands (process, batch).
 
     A CPU generator uses only the low 32 bits of its seed, so ``(seed, index)`` is hashed into them
     rather than packed side by side.
@@ -122,7 +123,7 @@ def collect_gradients(model: nn.Module, targets: list[Target], batches, moments:
 
     ``moments`` (from a forward-only pass first) give the means used for centring. ``indices``: the index
     in the whole data of each sample ``batches`` yields, in order (default 0, 1, 2, ...); each sample's
-    probes are drawn from ``probe_generator(seed, index)``, so the statistics are the same whatever the
+    probes are drawn from ``sample_generator(seed, index)``, so the statistics are the same whatever the
     batch size and however many processes share the data.
     """
     if loss not in LOSSES:
@@ -143,7 +144,7 @@ def collect_gradients(model: nn.Module, targets: list[Target], batches, moments:
     model.eval()
     with hooks(model, {t.name: t.capture for t in targets}, capture), frozen(model), torch.enable_grad():
         for x, _ in batches:
-            generators = [probe_generator(seed, next(positions)) for _ in range(len(x))]
+            generators = [sample_generator(seed, next(positions)) for _ in range(len(x))]
             captured.clear()
             logits = model(x.to(ctx.device, non_blocking=True))
             layers = list(captured)

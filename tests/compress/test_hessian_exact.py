@@ -28,7 +28,7 @@ from rankcut.stats.collect import (
     collect_gradients,
     collect_moments,
     draw_probes,
-    probe_generator,
+    sample_generator,
 )
 from rankcut.stats.moments import LayerStats
 
@@ -149,7 +149,7 @@ def test_probe_second_moment_is_half_the_loss_hessian(loss):
     """What the quadrature above stands in for: ``draw_probes`` has E[r] = 0 and E[r r^T] = M (20,000 draws)."""
     logits = torch.tensor([[1.5, -0.5, 0.2, 0.0, -1.0]], dtype=torch.float64)
     n = 20_000
-    r = draw_probes(logits.expand(n, -1), loss, [probe_generator(3, i) for i in range(n)])
+    r = draw_probes(logits.expand(n, -1), loss, [sample_generator(3, i) for i in range(n)])
     m = hessian(lambda l: output_loss(loss, logits[0], l), logits[0]) / 2
     second = r.T @ r / n
     err = ((second - m).norm() / m.norm()).item()

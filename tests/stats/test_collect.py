@@ -9,7 +9,7 @@ from builders import CPU, randomize_, small_resnet
 from rankcut.model import archs
 from rankcut.model.edits import get_module
 from rankcut.model.targets import select
-from rankcut.stats.collect import collect_gradients, collect_moments, probe_generator
+from rankcut.stats.collect import collect_gradients, collect_moments, sample_generator
 from rankcut.stats.moments import Moments
 
 
@@ -51,7 +51,7 @@ def test_gradient_statistics_survive_inplace_activations():
     handle = get_module(model, "layer1.0.bn1").register_forward_hook(add_zero)
     logits = model(batches[0][0])
     # the same probe draw as collect_gradients: sample i's from its own generator (seed 0)
-    r = torch.stack([torch.randn(logits.shape[1], generator=probe_generator(0, i)) for i in range(len(logits))])
+    r = torch.stack([torch.randn(logits.shape[1], generator=sample_generator(0, i)) for i in range(len(logits))])
     r = r / logits.shape[1] ** 0.5
     (g,) = torch.autograd.grad(logits, [captured["eps"]], grad_outputs=r)
     handle.remove()
