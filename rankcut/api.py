@@ -488,7 +488,7 @@ class EvalConfig:
         _check_loading(self.batch_size, self.workers)
         if self.threads is not None and self.threads < 1:
             raise RankcutError(f"--threads must be at least 1, got {self.threads}")
-        if not self.seconds > 0 or self.seconds == float("inf"):
+        if not 0 < self.seconds < float("inf"):  # NaN fails every comparison
             raise RankcutError(f"--seconds must be a positive number, got {self.seconds}")
         if self.runtime not in RUNTIMES:
             raise RankcutError(f"unknown runtime {self.runtime!r}; choose from {', '.join(RUNTIMES)}")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -16,7 +16,6 @@ _PREFIXES = ("module.", "_orig_mod.")
 _NESTED = ("state_dict", "model", "model_state_dict")
 
 
-
 def versioned(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with the per-module ``version`` metadata that ``state_dict()`` attaches and a file of plain
     tensors loses: some modules refuse to load without it (torchvision's MNASNet raises ``version should be
@@ -24,6 +23,7 @@ def versioned(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, tor
     out = OrderedDict(state)  # a plain dict takes no attributes
     out._metadata = {name: {"version": m._version} for name, m in model.named_modules()}  # as state_dict() does
     return out
+
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
