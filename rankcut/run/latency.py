@@ -15,11 +15,17 @@ time, and ``cpu_ratio`` (the median of the pairwise CPU-time ratios) is reported
 ``ratio``: with one thread it is the work each model does, immune to preemption (measured: a layer applied
 twice vs once, 4 runnable processes per core: wall ratios 1.5-3.4, CPU ratios 1.94-1.99). With several
 threads CPU time also counts threads waiting for work, so there the wall ratio is the figure.
+
+What made the same comparison disagree between processes was none of these but glibc's allocator, which
+maps every large activation afresh and unmaps it on free, so each pass paid page faults in an amount fixed by
+the process's allocation history; timing is done with freed memory kept in the process (``kept_heap``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +61,36 @@ def pinned_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters, and their defaults below
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+@contextlib.contextmanager
+def kept_heap() -> Iterator[bool]:
+    """Time with glibc keeping freed memory in the process; yield whether it could (not glibc: False).
+
+    By default glibc serves a large buffer (an activation of a few MB) from pages it maps for it and unmaps on
+    free, so every pass faults them in again, and how often depends on the process's allocation history.
+    Measured on the 2-core development machine (the example's two models, batch 64, one thread, five fresh
+    processes of 6 s each): 2.2-2.8 s of each process's 8 s CPU time was the kernel's, the original's pass
+    took 37-48 ms and the ratio read 0.90-1.02; with freed memory kept (no mapping per buffer, no trimming)
+    0.3 s, 24-27 ms, and 0.80-0.84. The figure of merit is the models' work, not the allocator's page faults
+    (which a deployment removes with jemalloc or tcmalloc). Afterwards the two settings return to glibc's
+    defaults; the dynamic mmap threshold stays off for the rest of the process.
+    """
+    name = ctypes.util.find_library("c") or ""
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name.startswith("libc.so") else None
+    if mallopt is None:
+        yield False
+        return
+    kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    try:
+        yield kept
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            mallopt(param, value)
+
+
 def torch_runner(model: nn.Module, x: torch.Tensor) -> Runner:
     """A runner for one torch module on a fixed input (eval mode and ``inference_mode`` are the caller's)."""
     device = x.device
@@ -85,30 +121,22 @@ class Timing:
     rounds: int
     passes: int          # passes per round
     repeats: int         # passes timed in all
+    heap_kept: bool      # freed memory kept in the process while timing (``kept_heap``)
 
 
-def compare(runners: list[Runner], *, reference: int = 0, rounds: int | None = None, warmup: int = 3,
-            round_seconds: float = 0.05, max_passes: int = 20, max_seconds: float = 20.0,
-            min_rounds: int = 10) -> list[Timing]:
-    """Time ``runners`` in alternating rounds; per model the median time and the median ratio to ``reference``.
+@dataclass
+class Passes:
+    """Raw pass times from one alternating comparison: index j of every model's list is one pairing."""
 
-    Each runner first runs ``warmup`` times; the slowest model's median warm-up sets the passes per round so
-    that one model's share of a round lasts about ``round_seconds`` (1 to ``max_passes``). Within a round the
-    models take turns pass by pass, in an order reversed every pass, and each pass of a model is paired with
-    the reference's pass next to it: the ratio is the median of those pairs' ratios, the interval their 25-75%
-    quantiles. A burst of load mostly spoils single pairs, in either direction, which the median ignores.
+    wall: list[list[float]]
+    cpu: list[list[float]]
+    rounds: int
+    passes: int  # passes per round
+    heap_kept: bool  # timed with freed memory kept in the process (``kept_heap``)
 
-    Rounds go on until ``max_seconds`` have been spent (at least ``min_rounds``; at most ``rounds`` if given).
-    The duration matters more than the count: on a shared machine the neighbours' use of the caches and memory
-    changes over tens of seconds and slows a memory-bound model more than a compute-bound one, so the ratio
-    itself moves between such states (measured: 0.81-1.05 between 4-second comparisons of the same two models
-    on an idle 2-core machine, 0.97-1.00 between 25-second ones). A longer comparison takes the median over
-    more of those states.
-    """
-    if not runners:
-        raise RankcutError("nothing to time")
-    if not 0 <= reference < len(runners):
-        raise RankcutError(f"reference index {reference} out of range")
+
+def _passes_per_round(runners: list[Runner], warmup: int, round_seconds: float, max_passes: int) -> int:
+    """Warm every runner up; as many passes as make the slowest model's share of a round ``round_seconds``."""
     typical = 0.0
     for run in runners:
         warm = []
@@ -117,8 +145,13 @@ def compare(runners: list[Runner], *, reference: int = 0, rounds: int | None = N
             run()
             warm.append(time.perf_counter() - start)
         typical = max(typical, statistics.median(warm))
-    passes = int(min(max_passes, max(1, round_seconds // max(typical, 1e-9))))
-    times: list[list[float]] = [[] for _ in runners]  # per pass, the same index in every list is one pairing
+    return int(min(max_passes, max(1, round_seconds // max(typical, 1e-9))))
+
+
+def _rounds(runners: list[Runner], passes: int, rounds: int | None, max_seconds: float,
+            min_rounds: int) -> tuple[list[list[float]], list[list[float]], int]:
+    """The timed rounds: per model its wall and CPU time per pass, and the rounds done."""
+    times: list[list[float]] = [[] for _ in runners]
     cpu: list[list[float]] = [[] for _ in runners]
     began = time.perf_counter()
     done = 0
@@ -133,58 +166,109 @@ def compare(runners: list[Runner], *, reference: int = 0, rounds: int | None = N
         done += 1
         if done >= min_rounds and time.perf_counter() - began > max_seconds:
             break
-    ref, ref_cpu = np.array(times[reference]), np.maximum(np.array(cpu[reference]), 1e-9)
+    return times, cpu, done
+
+
+def alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int = 3, round_seconds: float = 0.05,
+              max_passes: int = 20, max_seconds: float = 20.0, min_rounds: int = 10) -> Passes:
+    """Time ``runners`` in alternating rounds and return every pass's wall and CPU time.
+
+    Each runner first runs ``warmup`` times; the slowest model's median warm-up sets the passes per round so
+    that one model's share of a round lasts about ``round_seconds`` (1 to ``max_passes``). Within a round the
+    models take turns pass by pass, in an order reversed every pass, so pass j of every model was timed next
+    to pass j of the others. Rounds go on until ``max_seconds`` have been spent (at least ``min_rounds``; at
+    most ``rounds`` if given).
+    """
+    if not runners:
+        raise RankcutError("nothing to time")
+    with kept_heap() as kept:
+        passes = _passes_per_round(runners, warmup, round_seconds, max_passes)
+        times, cpu, done = _rounds(runners, passes, rounds, max_seconds, min_rounds)
+    return Passes(times, cpu, done, passes, kept)
+
+
+def summarize(passes: Passes, reference: int = 0) -> list[Timing]:
+    """Per model the median pass time and the median ratio to ``reference`` over the pairs of passes.
+
+    The ratio is the median of the pairs' ratios, the interval their 25-75% quantiles: a burst of load mostly
+    spoils single pairs, in either direction, which the median ignores.
+    """
+    if not 0 <= reference < len(passes.wall):
+        raise RankcutError(f"reference index {reference} out of range")
+    ref, ref_cpu = np.array(passes.wall[reference]), np.maximum(np.array(passes.cpu[reference]), 1e-9)
     out = []
-    for t, c in zip(times, cpu):
+    for t, c in zip(passes.wall, passes.cpu):
         t = np.array(t)
         ratios = t / ref
         out.append(Timing(float(np.median(t) * 1e3), (float(np.quantile(t, 0.25) * 1e3), float(np.quantile(t, 0.75) * 1e3)),
                           float(np.median(ratios)), float(np.quantile(ratios, 0.25)), float(np.quantile(ratios, 0.75)),
-                          float(np.median(np.maximum(np.array(c), 1e-9) / ref_cpu)), done, passes, len(t)))
+                          float(np.median(np.maximum(np.array(c), 1e-9) / ref_cpu)), passes.rounds, passes.passes,
+                          len(t), passes.heap_kept))
     return out
 
 
-def compare_models(models: list[nn.Module], contract: InputContract, batch_size: int, device: torch.device, *,
-                   reference: int = 0, threads: int | None = None, **options) -> list[dict]:
-    """``compare`` for torch models at ``batch_size``: one dict per model, in the JSON shape ``eval`` prints.
+def compare(runners: list[Runner], *, reference: int = 0, **options) -> list[Timing]:
+    """Time ``runners`` in alternating rounds (``alternate``); per model the median time and the median ratio
+    to ``reference`` (``summarize``).
 
-    Keys: batch_size, batch_ms, image_ms, repeats (as before), and ratio, ratio_q25, ratio_q75, cpu_ratio
-    (to the reference, pass by pass), spread_ms, rounds, passes, threads, runtime.
+    The duration matters more than the count of rounds: on a shared machine the neighbours' use of the caches
+    and memory changes over tens of seconds and slows a memory-bound model more than a compute-bound one (the
+    example's two models: 0.80 quiet, 0.83-0.87 beside two busy processes), and a longer comparison takes the
+    median over more of those states. Measured with the heap kept, one thread, the example's models at batch
+    64 on the 2-core development machine: five 4-second comparisons in fresh processes 0.788-0.826 beside one
+    busy process; three 20-second ones within 0.006-0.008 of each other on a quiet machine.
     """
-    x = random_input(contract, batch_size, device)
-    with eval_mode(*models), pinned_threads(threads) as used, torch.inference_mode():
-        timings = compare([torch_runner(m, x) for m in models], reference=reference, **options)
-    return [figures(t, batch_size, used, "torch") for t in timings]
+    if not 0 <= reference < len(runners):
+        raise RankcutError("nothing to time" if not runners else f"reference index {reference} out of range")
+    return summarize(alternate(runners, **options), reference)
 
 
 RUNTIMES = ("torch", "onnxruntime")
 
 
-def compare_runtime(models: list[nn.Module], contract: InputContract, batch_size: int, device: torch.device, *,
-                    runtime: str = "torch", reference: int = 0, threads: int | None = None, **options) -> list[dict]:
-    """``compare_models`` in ``runtime``: torch as is, or each model exported to ONNX and run by ONNX Runtime.
+@contextlib.contextmanager
+def runners(models: list[nn.Module], contract: InputContract, batch_size: int, device: torch.device, *,
+            runtime: str = "torch", threads: int | None = None) -> Iterator[tuple[list[Runner], int]]:
+    """One runner per model on the seeded batch, in ``runtime``, and the thread count in force while they run.
 
-    Exported graphs are kept in memory and checked against torch (relative 1e-4) before they are timed.
+    torch runs the modules (eval mode, ``inference_mode``); onnxruntime runs each model exported to ONNX, the
+    graphs kept in memory and checked against torch (relative 1e-4) before they are timed.
     """
-    if runtime == "torch":
-        return compare_models(models, contract, batch_size, device, reference=reference, threads=threads, **options)
-    if runtime != "onnxruntime":
+    if runtime not in RUNTIMES:
         raise RankcutError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
-    from rankcut.run import export  # onnx is an optional extra
-
-    if device.type != "cpu":
+    if runtime == "onnxruntime" and device.type != "cpu":
         raise RankcutError("--runtime onnxruntime runs on the CPU here; pass --device cpu")
     x = random_input(contract, batch_size, device)
     with pinned_threads(threads) as used:
-        runners = []
+        if runtime == "torch":
+            with eval_mode(*models), torch.inference_mode():
+                yield [torch_runner(m, x) for m in models], used
+            return
+        from rankcut.run import export  # onnx is an optional extra
+
+        built = []
         for m in models:
             sess = export.session(export.onnx_bytes(m, x), used)
             check = export.agreement(m, sess, contract.shape, (batch_size,))
             if not check.max_rel <= 1e-4:
                 raise RankcutError(f"the ONNX graph of a model disagrees with torch (relative {check.max_rel:.3g})")
-            runners.append(export.ort_runner(sess, x))
-        timings = compare(runners, reference=reference, **options)
+            built.append(export.ort_runner(sess, x))
+        yield built, used
+
+
+def compare_runtime(models: list[nn.Module], contract: InputContract, batch_size: int, device: torch.device, *,
+                    runtime: str = "torch", reference: int = 0, threads: int | None = None, **options) -> list[dict]:
+    """``compare`` for models at ``batch_size`` in ``runtime``: one dict per model, in the JSON shape ``eval``
+    prints (``figures``)."""
+    with runners(models, contract, batch_size, device, runtime=runtime, threads=threads) as (run, used):
+        timings = compare(run, reference=reference, **options)
     return [figures(t, batch_size, used, runtime) for t in timings]
+
+
+def compare_models(models: list[nn.Module], contract: InputContract, batch_size: int, device: torch.device, *,
+                   reference: int = 0, threads: int | None = None, **options) -> list[dict]:
+    """``compare_runtime`` in torch (the benches' shorthand)."""
+    return compare_runtime(models, contract, batch_size, device, reference=reference, threads=threads, **options)
 
 
 def figures(t: Timing, batch_size: int, threads: int, runtime: str) -> dict:
@@ -192,6 +276,5 @@ def figures(t: Timing, batch_size: int, threads: int, runtime: str) -> dict:
     return {"batch_size": batch_size, "batch_ms": t.batch_ms, "image_ms": t.batch_ms / batch_size,
             "repeats": t.repeats, "ratio": t.ratio, "ratio_q25": t.ratio_q25, "ratio_q75": t.ratio_q75,
             "cpu_ratio": t.cpu_ratio,
-            "spread_ms": list(t.spread_ms), "rounds": t.rounds, "passes": t.passes, "threads": threads,
-            "runtime": runtime}
+            "spread_ms": list(t.spread_ms), "rounds": t.rounds, "passes": t.passes, "heap_kept": t.heap_kept, "threads": threads, "runtime": runtime}
 

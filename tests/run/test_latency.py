@@ -1,14 +1,19 @@
-"""``rankcut.run.latency``: alternating rounds, the median of per-round ratios, pinned threads; ``eval --latency``."""
+"""``rankcut.run.latency``: alternating rounds, the median of per-round ratios, pinned threads, the kept heap;
+``eval --latency``."""
 
 from __future__ import annotations
+
+import resource
+import sys
 
 import pytest
 import torch
 from cli_helpers import rankcut
 from torch import nn
 
-from rankcut.run.latency import compare, compare_models, pinned_threads
+from rankcut.errors import RankcutError
 from rankcut.model.archs import InputContract
+from rankcut.run.latency import compare, compare_models, kept_heap, pinned_threads
 
 
 class Repeat(nn.Module):
@@ -83,8 +88,6 @@ def test_a_comparison_lasts_its_seconds_not_a_count_of_rounds():
 
 
 def test_pinned_threads_refuses_zero():
-    from rankcut.errors import RankcutError
-
     with pytest.raises(RankcutError, match="--threads"):
         with pinned_threads(0):
             pass
@@ -94,7 +97,7 @@ def test_eval_latency_reports_interval_threads_and_rounds(mnist_ckpt):
     result = rankcut("eval", mnist_ckpt, "--data", "synthetic:8", "--reference", mnist_ckpt, "--latency", "-b", "2",
                      "--threads", "1", "--seconds", "0.5", "--device", "cpu", "--json")["results"][0]
     lat, ref = result["latency"], result["reference"]["latency"]
-    assert lat["threads"] == ref["threads"] == 1 and lat["runtime"] == "torch"
+    assert lat["threads"] == ref["threads"] == 1 and lat["runtime"] == "torch" and lat["heap_kept"] is True
     assert ref["ratio"] == 1.0 and result["ratios"]["latency"] == lat["ratio"]
     assert lat["ratio_q25"] <= lat["ratio"] <= lat["ratio_q75"] and lat["rounds"] >= 10
     assert 0.5 < lat["ratio"] < 2, f"the same model twice measured {lat['ratio']:.3f}x"
@@ -110,3 +113,25 @@ def test_eval_latency_in_onnxruntime(mnist_ckpt, tmp_path):
     # rank 0.25 of conv2 and fc1 leaves 0.32x the MACs; in CPU time the graph must be clearly cheaper
     assert lat["cpu_ratio"] < 0.9, f"the projected graph took {lat['cpu_ratio']:.3f}x the CPU time"
 
+
+
+
+def _faults_of_a_buffer(times: int, mb: int = 64) -> int:
+    """Page faults (minor) of filling a fresh tensor of ``mb`` MB, the last of ``times`` in a row (the first
+    ones also move the allocator into its steady state, as warm-up passes do)."""
+    for _ in range(times):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(mb << 18).fill_(1.0)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_timing_keeps_freed_memory_so_passes_do_not_fault_pages_in_again():
+    faults = _faults_of_a_buffer(3)
+    with kept_heap() as kept:
+        assert kept, "glibc's mallopt should be found on Linux"
+        kept_faults = _faults_of_a_buffer(6)
+    assert faults > 1000 and kept_faults < 100, (faults, kept_faults)
+    # afterwards the allocator returns buffers again (one larger than any memory the heap kept meanwhile)
+    assert _faults_of_a_buffer(3, mb=256) > 1000
