@@ -27,7 +27,7 @@ from rankcut.compress.auto import AutoResult, auto_model
 from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budget, ranks_from_keep
 from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
 from rankcut.compress.project import LayerReport, project_model
-from rankcut.compress.refit import (CACHE_BYTES, LayerRefit, batchnorms_after_change, layer_sums,
+from rankcut.compress.refit import (CACHE_BYTES, LayerRefit, batchnorms_after_change, layer_sums, products_dtype,
                                     reestimate_batchnorm, refit_one, refit_targets, teacher_cache_fits,
                                     teacher_outputs)
 from rankcut.compress.replay import Replay
@@ -611,7 +611,8 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
     for target in targets:
         sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"), taught=taught,
                           positions=config.positions, seed=config.seed,
-                          indices=shard_indices(len(dataset), ctx.rank, ctx.world), replay=replay)
+                          indices=shard_indices(len(dataset), ctx.rank, ctx.world), replay=replay,
+                          dtype=products_dtype(config.damping))
         reports.append(refit_one(model, target, sums, config.damping, config.rounds))
     if any(r.status == "refit" for r in reports) and norms:
         reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics, after the refits"))

@@ -4,8 +4,9 @@ Each compressed layer is refitted, in the order the network computes them, so th
 *compressed* model's own input matches the *teacher's* output at the same place on the teacher's own input
 (asymmetric reconstruction: errors of the layers before it are corrected, not compounded). With ``x~`` the
 layer's input patch with a 1 appended (its bias) and ``y`` the teacher's output, one pass over the data
-gathers, in float64, ``A = E[x~ x~']`` ((P x P), P = inputs per output + 1), ``B = E[y x~']`` and
-``c = E[|y|^2]``; the layer's affine map ``M`` then minimises the ridge objective
+gathers ``A = E[x~ x~']`` ((P x P), P = inputs per output + 1), ``B = E[y x~']`` and ``c = E[|y|^2]`` (each
+batch's products in float32 under the default ridge, summed in float64; the solves in float64); the layer's
+affine map ``M`` then minimises the ridge objective
 
     f(M) = c - 2 tr(M B') + tr(M (A + delta D) M'),   delta = damping x mean eigenvalue of A's weight block
 
@@ -212,10 +213,10 @@ def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor,
             per, width = inputs.shape[1] * inputs.shape[2], inputs.shape[2]
             inputs = inputs[chosen // per, (chosen % per) // width, chosen % width]
             out = out[chosen]
-    rows = torch.empty(len(out), layer.weight[0].numel() + 1, dtype=torch.float64, device=x.device)
-    rows[:, :-1].view(inputs.shape).copy_(inputs)  # one strided copy, no float32 patch matrix in between
+    rows = torch.empty(len(out), layer.weight[0].numel() + 1, dtype=x.dtype, device=x.device)
+    rows[:, :-1].view(inputs.shape).copy_(inputs)  # one strided copy, no patch matrix in between
     rows[:, -1] = 1
-    return rows, out.double()
+    return rows, out
 
 
 def gram(x: torch.Tensor, leaf: int = 256) -> torch.Tensor:
@@ -258,15 +259,20 @@ class Sums:
         return self
 
     def add(self, xs: torch.Tensor, ys: torch.Tensor, max_rows: int) -> None:
-        """Add rows (inputs with the 1 appended, outputs; float64): kept as rows while at most ``max_rows``."""
+        """Add rows (inputs with the 1 appended, outputs): kept, in float64, while at most ``max_rows``.
+
+        One batch's products ``x~'x~`` and ``y x~'`` are taken in the rows' own precision (float32 for a float32
+        model: half the time of float64) and summed across batches in float64; the rows kept for the dual form
+        and the solves stay float64 (float32 values are exact in float64)."""
         if self.dual and len(self.rows_x) + len(xs) > max_rows:
             self.to_primal()
         if self.dual:
-            self.rows_x = torch.cat([self.rows_x, xs])
-            self.rows_y = torch.cat([self.rows_y, ys])
+            self.rows_x = torch.cat([self.rows_x, xs.double()])
+            self.rows_y = torch.cat([self.rows_y, ys.double()])
         else:
             self.xx += gram(xs)
         self.yx += ys.T @ xs
+        ys = ys.double()
         self.yy += (ys * ys).sum()
         self.y += ys.sum(0)
         self.count += len(xs)
@@ -354,10 +360,21 @@ def sampled_rows(per: int, positions: int, seed: int, indices: list[int]) -> tor
                       for i, index in enumerate(indices)])
 
 
+# A ridge of at least this (relative to A's mean eigenvalue) hides the rounding of a batch's products in float32
+# (relative 6e-8 per term, about sqrt(rows) summed in a batch); below it, and for plain least squares, where a
+# singular A's rounding would be fitted as if it were data, the products are taken in float64.
+FLOAT32_MIN_DAMPING = 1e-4
+
+
+def products_dtype(damping: float) -> torch.dtype | None:
+    """The precision of one batch's products for a refit with ``damping`` (None: the model's own)."""
+    return None if damping >= FLOAT32_MIN_DAMPING else torch.float64
+
+
 def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batches, ctx: Context,
                advance=lambda: None, max_rows: int | None = None,
                taught: list[dict[str, torch.Tensor]] | None = None, positions: int | None = None, seed: int = 0,
-               indices=None, replay: Replay | None = None) -> Sums:
+               indices=None, replay: Replay | None = None, dtype: torch.dtype | None = None) -> Sums:
     """One pass: the compressed model's input to ``target`` against the teacher's output at its capture.
 
     ``positions``: keep only that many output positions (rows) per sample (``sampled_rows``; each
@@ -368,7 +385,8 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
     since then they take less memory and time than the P x P Gram matrix (a linear layer reading 9,216
     features on 1,024 samples: 75 MB of rows against 680 MB). ``replay``: the compressed model's pass starts
     from the kept input of the deepest block holding the layer (``Replay``), and keeps the inputs of the
-    blocks it enters for the next layers; with ``taught`` as well, the data are not read at all.
+    blocks it enters for the next layers; with ``taught`` as well, the data are not read at all. ``dtype``:
+    the precision of each batch's products (``products_dtype``; None: the model's, float32 in practice).
     """
     layer = model.get_submodule(target.name)
     first = input_side(layer)
@@ -415,6 +433,8 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
                     sampled_rows, positions=positions, seed=seed,
                     indices=[next(order) for _ in range(len(seen["y"]))])
                 xs, ys = _rows(first, seen["x"], seen["y"], keep)
+                if dtype is not None:
+                    xs, ys = xs.to(dtype), ys.to(dtype)
                 if ys.shape[1] != c:
                     raise RankcutError(f"the teacher's {target.capture} has {ys.shape[1]} outputs, {target.name} {c}")
                 sums.add(xs, ys, max_rows)
