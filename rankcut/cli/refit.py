@@ -40,7 +40,7 @@ def refit(
     samples: Samples = None,
     damping: Annotated[float, typer.Option("--damping", help=(
         "Ridge damping of each layer's least squares, relative to the mean eigenvalue of its input second "
-        "moment."))] = DEFAULT_REFIT_DAMPING,
+        "moment (at 1e-4 or more each batch's products are float32, summed in float64; below, float64)."))] = DEFAULT_REFIT_DAMPING,
     rounds: Annotated[int, typer.Option("--rounds", help="Alternating rounds (down given up, up given down) per pair.")] = 2,
     bn_only: Annotated[bool, typer.Option("--bn-only", help=(
         "Only re-estimate the running statistics of the BatchNorm layers left unfolded."))] = False,
