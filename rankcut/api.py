@@ -604,14 +604,16 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
     norms = batchnorms_after_change(model, teacher, contract)
     reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics"))
     taught = None  # the teacher's outputs at every target, from one pass, where they fit in memory
-    if targets and teacher_cache_fits(teacher, targets, contract, len(batches.dataset)):
-        taught = teacher_outputs(teacher, targets, batches, ctx, stage("teacher outputs"))
+    indices = shard_indices(len(dataset), ctx.rank, ctx.world)
+    if targets and teacher_cache_fits(teacher, targets, contract, len(batches.dataset), positions=config.positions):
+        taught = teacher_outputs(teacher, targets, batches, ctx, stage("teacher outputs"), positions=config.positions,
+                                 seed=config.seed, indices=indices)
     reports = []
     replay = Replay(model, contract, len(batches.dataset), CACHE_BYTES) if targets else None
     for target in targets:
         sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"), taught=taught,
                           positions=config.positions, seed=config.seed,
-                          indices=shard_indices(len(dataset), ctx.rank, ctx.world), replay=replay,
+                          indices=indices, replay=replay,
                           dtype=products_dtype(config.damping))
         reports.append(refit_one(model, target, sums, config.damping, config.rounds))
     if any(r.status == "refit" for r in reports) and norms:

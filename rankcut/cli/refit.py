@@ -69,7 +69,8 @@ def refit(
 
     Cost: one forward pass of the compressed model over the N samples per refitted layer (started from the
     kept input of the block holding the layer, e.g. a residual block, where it fits in 512 MiB), one of the teacher
-    for all of them (its outputs kept in memory up to 512 MiB, else one per layer), and per layer a float64
+    for all of them (its outputs kept in memory up to 512 MiB, with --positions only at the sampled positions,
+    else one per layer), and per layer a float64
     matrix of P x P, P = inputs per output + 1 (8 P^2 bytes: 170 MB for a 3x3 conv reading 512 channels),
     factorised once (P^3 / 3 operations); with no more rows (N x output positions) than P, the rows are kept
     and solved in their space instead (N x N); --positions N' keeps N' rows per sample, so N x N' rows.

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from rankcut.api import DEFAULT_REFIT_DAMPING, RefitConfig, refit
 from rankcut.compress.refit import (Problem, RefitTarget, Sums, _rows, gram, layer_sums, products_dtype, refit_one,
-                                    refit_pair)
+                                    refit_pair, teacher_cache_fits, teacher_outputs)
 from rankcut.dist import Context
 from rankcut.errors import RankcutError
 from rankcut.model.archs import InputContract
@@ -286,6 +286,28 @@ def test_a_wide_layer_is_refitted_from_its_rows_the_same_as_from_its_gram_matrix
             assert _relative(dual.state_dict()[key].double(), value.double()) < 1e-6, (damping, key)
         assert r_dual.objective == pytest.approx(r_primal.objective, rel=1e-6)
         assert r_dual.error_after == pytest.approx(r_primal.error_after, rel=1e-6)
+
+
+def test_teacher_outputs_kept_at_the_sampled_positions_give_the_same_sums():
+    """With --positions the teacher's conv outputs are kept only at the rows the layer's sums draw (4 of 36 per
+    sample here): the sums are those from its whole outputs, bit for bit, and the memory check counts 4 of 36."""
+    teacher, data = _teacher(), _data()
+    model = copy.deepcopy(teacher)
+    _random_pair(model, "conv2", 2)
+    target = RefitTarget("conv2", "pair", "bn")
+    batches = torch.utils.data.DataLoader(data, batch_size=40)  # uneven: 40, 40, 16
+    ctx = Context(0, 1, torch.device("cpu"))
+    whole = teacher_outputs(teacher, [target], batches, ctx)
+    cut = teacher_outputs(teacher, [target], batches, ctx, positions=4, seed=3)
+    channels = whole[0]["bn"].shape[1]
+    assert [c["bn"].rows.shape for c in cut] == [(40 * 4, channels), (40 * 4, channels), (16 * 4, channels)]
+    sums = [layer_sums(model, teacher, target, batches, ctx, max_rows=0, taught=taught, positions=4, seed=3,
+                       dtype=torch.float64) for taught in (whole, cut)]
+    assert torch.equal(sums[0].xx, sums[1].xx) and torch.equal(sums[0].yx, sums[1].yx)
+    assert torch.equal(sums[0].yy, sums[1].yy) and sums[1].count.item() == 96 * 4
+    kept_bytes = 96 * channels * 4 * 4  # float32 at 4 positions
+    assert teacher_cache_fits(teacher, [target], CONTRACT, 96, limit=kept_bytes, positions=4)
+    assert not teacher_cache_fits(teacher, [target], CONTRACT, 96, limit=kept_bytes)
 
 
 def test_float32_products_under_the_default_ridge_give_the_float64_objective():
