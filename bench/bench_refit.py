@@ -7,12 +7,14 @@ briefly on ``mnist5k:train``; at each MACs fraction, project with ``--macs F`` (
 --grad kl``), and again with ``--sequential`` (the same ranks, each basis measured on the model with the
 layers before it projected, on the statistics' images); refit the plain projection against the trained base
 on 256 and 1,024 training images (no labels) and evaluate on ``mnist5k:test`` (1,000 digits: differences
-under about 1% are noise); the base and its statistics in ``--work`` are reused. The projected model and the
-refit on the most samples are each fine-tuned for one epoch (4,000 images, ``--seed 0``, ``--finetune-lr``);
-the projected model's epoch, run just before the refits, is the one refit's wall time is compared with.
+under about 1.5 points are noise); the base and its statistics in ``--work`` are reused. The projected model
+and the refit on the most samples are each fine-tuned for one epoch (4,000 images, ``--seed 0``) at each peak
+learning rate of ``--finetune-lr`` (one or a grid); with a grid, each pipeline's column is its best top-1 over
+the grid, with the rate that gave it. The projected model's epoch at the first rate, run just before the
+refits, is the one refit's wall time is compared with.
 
     python bench/bench_refit.py [--work DIR] [--archs rankcut:mnist-cnn torchvision:resnet18]
-        [--fractions 0.25 0.125 0.0625 0.03125] [--refit-samples 256 1024] [--finetune-lr 1e-3]
+        [--fractions 0.25 0.125 0.0625 0.03125] [--refit-samples 256 1024] [--finetune-lr 1e-3 [3e-4 1e-4]]
         [--no-sequential] [--no-finetune]
     python bench/bench_refit.py --alternate SMALL BASE [--rounds 3] [--positions 16]
 
@@ -66,8 +68,22 @@ def epoch(checkpoint: Path, out: Path, lr: float) -> tuple[float, float]:
     return accuracy(out), seconds
 
 
+def best_epoch(checkpoint: Path, out: Path, lrs: list[float]) -> tuple[tuple[float, float], float]:
+    """One fine-tune epoch at each peak rate of ``lrs``: the best (top-1, rate) and the first rate's wall time."""
+    runs = [(*epoch(checkpoint, out, lr), lr) for lr in lrs]
+    top1, _, lr = max(runs, key=lambda run: run[0])
+    return (top1, lr), runs[0][1]
+
+
 def figure(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def tuned(result: tuple[float, float] | None, grid: list[float]) -> str:
+    """A fine-tuned top-1, with the rate that gave it when there was a grid to choose from."""
+    if result is None:
+        return "-"
+    return f"{result[0]:.4f}" + (f" ({result[1]:g})" if len(grid) > 1 else "")
 
 
 def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
@@ -97,7 +113,7 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
                                                args.samples, "--device", "cpu", "-o", sequential, "--force")
                 row["sequential"] = accuracy(sequential)
             if not args.no_finetune:
-                row["tuned"], row["epoch_s"] = epoch(small, work / f"{tag}.tuned.safetensors", args.finetune_lr)
+                row["tuned"], row["epoch_s"] = best_epoch(small, work / f"{tag}.tuned.safetensors", args.finetune_lr)
             for n in args.refit_samples:
                 out = work / f"{tag}.refit{n}.safetensors"
                 _, row[f"refit_s_{n}"] = timed("refit", small, "--teacher", base, "--data", TRAIN, "--samples",
@@ -105,8 +121,8 @@ def run_arch(arch: str, work: Path, args) -> tuple[list[dict], float]:
                 row[f"refit_{n}"] = accuracy(out)
             most = max(args.refit_samples)
             if not args.no_finetune:
-                row["refit_tuned"], _ = epoch(work / f"{tag}.refit{most}.safetensors",
-                                              work / f"{tag}.refit{most}.tuned.safetensors", args.finetune_lr)
+                row["refit_tuned"], _ = best_epoch(work / f"{tag}.refit{most}.safetensors",
+                                                   work / f"{tag}.refit{most}.tuned.safetensors", args.finetune_lr)
             rows.append(row)
             log(f"{tag}: {row}")
     return rows, top1
@@ -159,8 +175,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1000, help="Training images for the statistics (and --sequential).")
     p.add_argument("--base-epochs", type=int, default=2)
     p.add_argument("--no-finetune", action="store_true", help="Skip the fine-tune epochs (their columns show -).")
-    p.add_argument("--finetune-lr", type=float, default=1e-3, help="Peak learning rate of both fine-tune epochs "
-                   "(finetune's default 1e-3).")
+    p.add_argument("--finetune-lr", type=float, nargs="+", default=[1e-3], help="Peak learning rate(s) of both "
+                   "fine-tune epochs (finetune's default 1e-3); with several, each pipeline's best.")
     p.add_argument("--no-sequential", action="store_true", help="Skip project --sequential (its columns show -).")
     p.add_argument("--alternate", nargs=2, metavar=("SMALL", "BASE"), help="Only time refit against an epoch.")
     p.add_argument("--rounds", type=int, default=3, help="With --alternate: rounds of refit then epoch.")
@@ -186,7 +202,8 @@ def main() -> None:
                   *(f"refit {n} / epoch" for n in args.refit_samples),
                   title=f"on mnist5k: base top-1 {', '.join(f'{a} {t:.4f}' for a, t in tops.items())} after "
                   f"{args.base_epochs} epochs; stats on {args.samples} images (--grad kl); one fine-tune epoch: "
-                  f"4,000 images, batch 64, --lr {args.finetune_lr:g}" + ("" if args.positions is None else
+                  f"4,000 images, batch 64, --lr {' '.join(f'{lr:g}' for lr in args.finetune_lr)}"
+                  + (" (each pipeline's best)" if len(args.finetune_lr) > 1 else "") + ("" if args.positions is None else
                                               f"; refit --positions {args.positions}"), title_justify="left")
     for r in rows:
         if args.no_finetune:
@@ -195,7 +212,7 @@ def main() -> None:
         closed = f"{(r[f'refit_{least}'] - r['projected']) / gap:.0%}" if gap > 0 else "no gap"
         table.add_row(r["arch"].split(":")[1], f"{100 * r['fraction']:.3g}%", r["method"], f"{r['projected']:.4f}",
                       figure(r["sequential"], ".4f"), *(f"{r[f'refit_{n}']:.4f}" for n in args.refit_samples), closed,
-                      figure(r["tuned"], ".4f"), figure(r["refit_tuned"], ".4f"),
+                      tuned(r["tuned"], args.finetune_lr), tuned(r["refit_tuned"], args.finetune_lr),
                       *(f"{r[f'refit_s_{n}']:.1f}" for n in args.refit_samples), figure(r["epoch_s"], ".1f"),
                       figure(r["sequential_s"], ".1f"),
                       *(figure(r["epoch_s"] and r[f"refit_s_{n}"] / r["epoch_s"], ".2f") for n in args.refit_samples))

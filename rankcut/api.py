@@ -27,7 +27,7 @@ from rankcut.compress.auto import AutoResult, auto_model
 from rankcut.compress.budget import BUDGET_KINDS, Allocation, no_loss, plan_budget, ranks_from_keep
 from rankcut.compress.methods import DEFAULT_DAMPING, METHODS, Method, get_method
 from rankcut.compress.project import LayerReport, project_model
-from rankcut.compress.refit import (CACHE_BYTES, LayerRefit, batchnorms_after_change, layer_sums,
+from rankcut.compress.refit import (CACHE_BYTES, LayerRefit, batchnorms_after_change, layer_sums, products_dtype,
                                     reestimate_batchnorm, refit_one, refit_targets, teacher_cache_fits,
                                     teacher_outputs)
 from rankcut.compress.replay import Replay
@@ -604,14 +604,17 @@ def refit(model: nn.Module, teacher: nn.Module | None, contract: InputContract, 
     norms = batchnorms_after_change(model, teacher, contract)
     reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics"))
     taught = None  # the teacher's outputs at every target, from one pass, where they fit in memory
-    if targets and teacher_cache_fits(teacher, targets, contract, len(batches.dataset)):
-        taught = teacher_outputs(teacher, targets, batches, ctx, stage("teacher outputs"))
+    indices = shard_indices(len(dataset), ctx.rank, ctx.world)
+    if targets and teacher_cache_fits(teacher, targets, contract, len(batches.dataset), positions=config.positions):
+        taught = teacher_outputs(teacher, targets, batches, ctx, stage("teacher outputs"), positions=config.positions,
+                                 seed=config.seed, indices=indices)
     reports = []
     replay = Replay(model, contract, len(batches.dataset), CACHE_BYTES) if targets else None
     for target in targets:
         sums = layer_sums(model, teacher, target, batches, ctx, stage(f"refit {target.name}"), taught=taught,
                           positions=config.positions, seed=config.seed,
-                          indices=shard_indices(len(dataset), ctx.rank, ctx.world), replay=replay)
+                          indices=indices, replay=replay,
+                          dtype=products_dtype(config.damping))
         reports.append(refit_one(model, target, sums, config.damping, config.rounds))
     if any(r.status == "refit" for r in reports) and norms:
         reestimate_batchnorm(model, norms, batches, ctx, stage("batchnorm statistics, after the refits"))

@@ -14,7 +14,7 @@ from rankcut.cli.console import Reporter
 from rankcut.run.data import folder_classes, open_data, subset
 from rankcut.run.evaluate import check_dataset_labels, check_peer, output_classes
 from rankcut.files.fileio import check_output
-from rankcut.run.train import TrainConfig, fit, saver, schedule
+from rankcut.run.train import DEFAULT_WARMUP, TrainConfig, fit, saver, schedule
 from rankcut.cli.options import BatchSize, Checkpoint, Data, Device, Force, Json, Output, Quiet, Samples, Seed, Workers
 
 
@@ -40,7 +40,7 @@ def finetune(
     momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum, or AdamW's beta1.")] = 0.9,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="Decay of weights (not biases or norms).")] = 0.0,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the cross-entropy.")] = 0.0,
-    warmup: Annotated[float, typer.Option("--warmup", help="Linear warm-up, as a fraction of all optimiser steps.")] = 0.05,
+    warmup: Annotated[float, typer.Option("--warmup", help="Linear warm-up, as a fraction of all optimiser steps (AdamW's first steps move every weight by about --lr).")] = DEFAULT_WARMUP,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="Distil from this checkpoint (same input, same classes).")] = None,
     kd_alpha: Annotated[Optional[float], typer.Option("--kd-alpha", help="Weight of the distillation loss (default 0.5 with --teacher; 1: labels not needed).")] = None,
     kd_temperature: Annotated[float, typer.Option("--kd-temperature", help="Softmax temperature of distillation.")] = 2.0,

@@ -40,7 +40,7 @@ def refit(
     samples: Samples = None,
     damping: Annotated[float, typer.Option("--damping", help=(
         "Ridge damping of each layer's least squares, relative to the mean eigenvalue of its input second "
-        "moment."))] = DEFAULT_REFIT_DAMPING,
+        "moment (at 1e-4 or more each batch's products are float32, summed in float64; below, float64)."))] = DEFAULT_REFIT_DAMPING,
     rounds: Annotated[int, typer.Option("--rounds", help="Alternating rounds (down given up, up given down) per pair.")] = 2,
     bn_only: Annotated[bool, typer.Option("--bn-only", help=(
         "Only re-estimate the running statistics of the BatchNorm layers left unfolded."))] = False,
@@ -69,7 +69,8 @@ def refit(
 
     Cost: one forward pass of the compressed model over the N samples per refitted layer (started from the
     kept input of the block holding the layer, e.g. a residual block, where it fits in 512 MiB), one of the teacher
-    for all of them (its outputs kept in memory up to 512 MiB, else one per layer), and per layer a float64
+    for all of them (its outputs kept in memory up to 512 MiB, with --positions only at the sampled positions,
+    else one per layer), and per layer a float64
     matrix of P x P, P = inputs per output + 1 (8 P^2 bytes: 170 MB for a 3x3 conv reading 512 channels),
     factorised once (P^3 / 3 operations); with no more rows (N x output positions) than P, the rows are kept
     and solved in their space instead (N x N); --positions N' keeps N' rows per sample, so N x N' rows.

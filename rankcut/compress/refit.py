@@ -4,8 +4,9 @@ Each compressed layer is refitted, in the order the network computes them, so th
 *compressed* model's own input matches the *teacher's* output at the same place on the teacher's own input
 (asymmetric reconstruction: errors of the layers before it are corrected, not compounded). With ``x~`` the
 layer's input patch with a 1 appended (its bias) and ``y`` the teacher's output, one pass over the data
-gathers, in float64, ``A = E[x~ x~']`` ((P x P), P = inputs per output + 1), ``B = E[y x~']`` and
-``c = E[|y|^2]``; the layer's affine map ``M`` then minimises the ridge objective
+gathers ``A = E[x~ x~']`` ((P x P), P = inputs per output + 1), ``B = E[y x~']`` and ``c = E[|y|^2]`` (each
+batch's products in float32 under the default ridge, summed in float64; the solves in float64); the layer's
+affine map ``M`` then minimises the ridge objective
 
     f(M) = c - 2 tr(M B') + tr(M (A + delta D) M'),   delta = damping x mean eigenvalue of A's weight block
 
@@ -24,7 +25,8 @@ kept as its n rows instead (the dual form: n x P, not P x P), and the same maps 
 (a linear layer reading 9,216 features refitted on 256 samples: a 256^2 solve instead of a 9,217^2 one).
 The memory is that of one layer's ``A`` or rows at a time (P^2 float64: 170 MB for a 3x3 conv reading 512
 channels); the time is one forward pass of the compressed model per refitted layer, stopped at that layer,
-and one of the teacher for all layers (its outputs kept while they fit in ``CACHE_BYTES``, else one per layer).
+and one of the teacher for all layers (its outputs kept while they fit in ``CACHE_BYTES``, else one per layer;
+with ``positions``, a conv output is kept only at the positions the sums will draw).
 BatchNorm layers left unfolded downstream of the first change get their running statistics re-estimated
 (exact population mean and variance of their inputs over the data) before and after the refits.
 """
@@ -189,33 +191,46 @@ def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return windows.permute(0, 2, 3, 1, 4, 5)
 
 
-def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor,
+@dataclass(frozen=True)
+class SampledRows:
+    """A conv output kept only at the rows ``sampled_rows`` draws (``per``: its positions per sample)."""
+
+    rows: torch.Tensor
+    per: int
+
+
+def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor | SampledRows,
           keep=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs with a 1 appended, outputs) as float64 rows: a conv's input patches and its output pixels.
+    """(inputs with a 1 appended, outputs) as rows in the input's precision: a conv's input patches and its output
+    pixels.
 
     ``keep(per)``, given the rows per sample, returns the indices of the rows to build (None: all); only
-    those are copied, so a sample of positions costs what it keeps."""
-    if isinstance(layer, nn.Linear):
+    those are copied, so a sample of positions costs what it keeps. ``y`` may be the teacher's output already
+    cut to those rows (``SampledRows``)."""
+    if isinstance(layer, nn.Linear) and not isinstance(y, SampledRows):
         inputs, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         chosen = None if keep is None else keep(len(out) // len(x))
         if chosen is not None:
             inputs, out = inputs[chosen], out[chosen]
     else:
         inputs = _patches(layer, x)
-        out = y.reshape(y.shape[0], y.shape[1], -1)
-        if inputs.shape[1] * inputs.shape[2] != out.shape[2]:
-            raise RankcutError(f"the teacher's output has {out.shape[2]} positions where this layer computes "
-                               f"{inputs.shape[1] * inputs.shape[2]}: the teacher takes other input")
-        out = out.transpose(1, 2).reshape(-1, out.shape[1])
-        chosen = None if keep is None else keep(out.shape[0] // len(x))
+        per, width = inputs.shape[1] * inputs.shape[2], inputs.shape[2]
+        if isinstance(y, SampledRows):
+            teacher_per, out = y.per, y.rows
+        else:
+            teacher_per = y[0, 0].numel()
+            out = y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
+        if teacher_per != per:
+            raise RankcutError(f"the teacher's output has {teacher_per} positions where this layer computes {per}: "
+                               f"the teacher takes other input")
+        chosen = None if keep is None else keep(per)
         if chosen is not None:  # sample i's position p is row i * per + p, at (h, w) = divmod(p, W')
-            per, width = inputs.shape[1] * inputs.shape[2], inputs.shape[2]
             inputs = inputs[chosen // per, (chosen % per) // width, chosen % width]
-            out = out[chosen]
-    rows = torch.empty(len(out), layer.weight[0].numel() + 1, dtype=torch.float64, device=x.device)
-    rows[:, :-1].view(inputs.shape).copy_(inputs)  # one strided copy, no float32 patch matrix in between
+            out = out if isinstance(y, SampledRows) else out[chosen]
+    rows = torch.empty(len(out), layer.weight[0].numel() + 1, dtype=x.dtype, device=x.device)
+    rows[:, :-1].view(inputs.shape).copy_(inputs)  # one strided copy, no patch matrix in between
     rows[:, -1] = 1
-    return rows, out.double()
+    return rows, out
 
 
 def gram(x: torch.Tensor, leaf: int = 256) -> torch.Tensor:
@@ -258,15 +273,20 @@ class Sums:
         return self
 
     def add(self, xs: torch.Tensor, ys: torch.Tensor, max_rows: int) -> None:
-        """Add rows (inputs with the 1 appended, outputs; float64): kept as rows while at most ``max_rows``."""
+        """Add rows (inputs with the 1 appended, outputs): kept, in float64, while at most ``max_rows``.
+
+        One batch's products ``x~'x~`` and ``y x~'`` are taken in the rows' own precision (float32 for a float32
+        model: half the time of float64) and summed across batches in float64; the rows kept for the dual form
+        and the solves stay float64 (float32 values are exact in float64)."""
         if self.dual and len(self.rows_x) + len(xs) > max_rows:
             self.to_primal()
         if self.dual:
-            self.rows_x = torch.cat([self.rows_x, xs])
-            self.rows_y = torch.cat([self.rows_y, ys])
+            self.rows_x = torch.cat([self.rows_x, xs.double()])
+            self.rows_y = torch.cat([self.rows_y, ys.double()])
         else:
             self.xx += gram(xs)
         self.yx += ys.T @ xs
+        ys = ys.double()
         self.yy += (ys * ys).sum()
         self.y += ys.sum(0)
         self.count += len(xs)
@@ -295,15 +315,16 @@ def _hooked(model: nn.Module, names, make) -> list:
 
 
 def teacher_cache_fits(teacher: nn.Module, targets: list[RefitTarget], contract: InputContract, samples: int,
-                       limit: int | None = None) -> bool:
+                       limit: int | None = None, positions: int | None = None) -> bool:
     """Whether the teacher's outputs at every target's capture, for ``samples`` samples, fit in ``limit`` bytes
-    (default ``CACHE_BYTES``)."""
+    (default ``CACHE_BYTES``); with ``positions``, a conv output is kept at that many positions per sample."""
     limit = CACHE_BYTES if limit is None else limit
     sizes: dict[str, int] = {}
 
     def measure(name):
         def hook(_, __, y):
-            sizes[name] = y[0].numel() * y.element_size()
+            kept = y[0].numel() if positions is None or y.dim() != 4 else y.shape[1] * min(positions, y[0, 0].numel())
+            sizes[name] = kept * y.element_size()
         return hook
 
     handles = _hooked(teacher, {t.capture for t in targets}, measure)
@@ -316,15 +337,28 @@ def teacher_cache_fits(teacher: nn.Module, targets: list[RefitTarget], contract:
 
 
 def teacher_outputs(teacher: nn.Module, targets: list[RefitTarget], batches, ctx: Context,
-                    advance=lambda: None) -> list[dict[str, torch.Tensor]]:
+                    advance=lambda: None, positions: int | None = None, seed: int = 0,
+                    indices=None) -> list[dict[str, torch.Tensor | SampledRows]]:
     """The teacher's outputs at every target's capture, batch by batch, from one pass over the data: the
-    teacher does not change, so one pass serves every layer (each stopped after the last capture)."""
+    teacher does not change, so one pass serves every layer (each stopped after the last capture).
+
+    With ``positions`` (and ``seed``, ``indices`` as ``layer_sums`` gets them), a conv output with more
+    positions per sample is kept only at the rows ``layer_sums`` will draw (``SampledRows``): 16 of 784
+    positions in a resnet18's layer1 at 112x112, so the outputs fit in memory at any input size."""
     captures = {t.capture for t in targets}
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | SampledRows] = {}
+    order = iter(indices if indices is not None else itertools.count())
+    batch_indices: list[int] = []
 
     def keep(name):
         def hook(_, __, y):
-            out[name] = y.detach().clone()  # what follows may work in place
+            per = y[0, 0].numel() if y.dim() == 4 else 0
+            chosen = None if positions is None or not per else sampled_rows(per, positions, seed, batch_indices)
+            if chosen is None:
+                out[name] = y.detach().clone()  # what follows may work in place
+            else:
+                rows = y.detach().reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
+                out[name] = SampledRows(rows[chosen], per)
             if len(out) == len(captures):
                 raise _Stop
         return hook
@@ -335,6 +369,7 @@ def teacher_outputs(teacher: nn.Module, targets: list[RefitTarget], batches, ctx
         with torch.inference_mode():
             for x, _ in batches:
                 out.clear()
+                batch_indices[:] = [next(order) for _ in range(len(x))]
                 _run_until(teacher, x.to(ctx.device, non_blocking=True))
                 kept.append(dict(out))
                 advance()
@@ -354,10 +389,21 @@ def sampled_rows(per: int, positions: int, seed: int, indices: list[int]) -> tor
                       for i, index in enumerate(indices)])
 
 
+# A ridge of at least this (relative to A's mean eigenvalue) hides the rounding of a batch's products in float32
+# (relative 6e-8 per term, about sqrt(rows) summed in a batch); below it, and for plain least squares, where a
+# singular A's rounding would be fitted as if it were data, the products are taken in float64.
+FLOAT32_MIN_DAMPING = 1e-4
+
+
+def products_dtype(damping: float) -> torch.dtype | None:
+    """The precision of one batch's products for a refit with ``damping`` (None: the model's own)."""
+    return None if damping >= FLOAT32_MIN_DAMPING else torch.float64
+
+
 def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batches, ctx: Context,
                advance=lambda: None, max_rows: int | None = None,
                taught: list[dict[str, torch.Tensor]] | None = None, positions: int | None = None, seed: int = 0,
-               indices=None, replay: Replay | None = None) -> Sums:
+               indices=None, replay: Replay | None = None, dtype: torch.dtype | None = None) -> Sums:
     """One pass: the compressed model's input to ``target`` against the teacher's output at its capture.
 
     ``positions``: keep only that many output positions (rows) per sample (``sampled_rows``; each
@@ -368,7 +414,8 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
     since then they take less memory and time than the P x P Gram matrix (a linear layer reading 9,216
     features on 1,024 samples: 75 MB of rows against 680 MB). ``replay``: the compressed model's pass starts
     from the kept input of the deepest block holding the layer (``Replay``), and keeps the inputs of the
-    blocks it enters for the next layers; with ``taught`` as well, the data are not read at all.
+    blocks it enters for the next layers; with ``taught`` as well, the data are not read at all. ``dtype``:
+    the precision of each batch's products (``products_dtype``; None: the model's, float32 in practice).
     """
     layer = model.get_submodule(target.name)
     first = input_side(layer)
@@ -413,8 +460,10 @@ def layer_sums(model: nn.Module, teacher: nn.Module, target: RefitTarget, batche
                     _run_until(replay.run, start, i)
                 keep = None if positions is None else functools.partial(
                     sampled_rows, positions=positions, seed=seed,
-                    indices=[next(order) for _ in range(len(seen["y"]))])
+                    indices=[next(order) for _ in range(len(seen["x"]))])
                 xs, ys = _rows(first, seen["x"], seen["y"], keep)
+                if dtype is not None:
+                    xs, ys = xs.to(dtype), ys.to(dtype)
                 if ys.shape[1] != c:
                     raise RankcutError(f"the teacher's {target.capture} has {ys.shape[1]} outputs, {target.name} {c}")
                 sums.add(xs, ys, max_rows)

@@ -13,8 +13,9 @@ from torch.utils.data import TensorDataset
 
 import torch.nn.functional as F
 
-from rankcut.api import RefitConfig, refit
-from rankcut.compress.refit import Problem, RefitTarget, Sums, _rows, gram, layer_sums, refit_one, refit_pair
+from rankcut.api import DEFAULT_REFIT_DAMPING, RefitConfig, refit
+from rankcut.compress.refit import (Problem, RefitTarget, Sums, _rows, gram, layer_sums, products_dtype, refit_one,
+                                    refit_pair, teacher_cache_fits, teacher_outputs)
 from rankcut.dist import Context
 from rankcut.errors import RankcutError
 from rankcut.model.archs import InputContract
@@ -275,7 +276,7 @@ def test_a_wide_layer_is_refitted_from_its_rows_the_same_as_from_its_gram_matrix
             model = copy.deepcopy(teacher)
             _random_pair(model, "fc1", 3)
             target = RefitTarget("fc1", "pair", "fc1")
-            sums = layer_sums(model, teacher, target, batches, ctx, max_rows=max_rows)
+            sums = layer_sums(model, teacher, target, batches, ctx, max_rows=max_rows, dtype=torch.float64)
             assert sums.dual == (form == "dual")
             report = refit_one(model, target, sums, damping, rounds=2)
             assert report.status == "refit" and report.error_after < report.error_before
@@ -285,6 +286,48 @@ def test_a_wide_layer_is_refitted_from_its_rows_the_same_as_from_its_gram_matrix
             assert _relative(dual.state_dict()[key].double(), value.double()) < 1e-6, (damping, key)
         assert r_dual.objective == pytest.approx(r_primal.objective, rel=1e-6)
         assert r_dual.error_after == pytest.approx(r_primal.error_after, rel=1e-6)
+
+
+def test_teacher_outputs_kept_at_the_sampled_positions_give_the_same_sums():
+    """With --positions the teacher's conv outputs are kept only at the rows the layer's sums draw (4 of 36 per
+    sample here): the sums are those from its whole outputs, bit for bit, and the memory check counts 4 of 36."""
+    teacher, data = _teacher(), _data()
+    model = copy.deepcopy(teacher)
+    _random_pair(model, "conv2", 2)
+    target = RefitTarget("conv2", "pair", "bn")
+    batches = torch.utils.data.DataLoader(data, batch_size=40)  # uneven: 40, 40, 16
+    ctx = Context(0, 1, torch.device("cpu"))
+    whole = teacher_outputs(teacher, [target], batches, ctx)
+    cut = teacher_outputs(teacher, [target], batches, ctx, positions=4, seed=3)
+    channels = whole[0]["bn"].shape[1]
+    assert [c["bn"].rows.shape for c in cut] == [(40 * 4, channels), (40 * 4, channels), (16 * 4, channels)]
+    sums = [layer_sums(model, teacher, target, batches, ctx, max_rows=0, taught=taught, positions=4, seed=3,
+                       dtype=torch.float64) for taught in (whole, cut)]
+    assert torch.equal(sums[0].xx, sums[1].xx) and torch.equal(sums[0].yx, sums[1].yx)
+    assert torch.equal(sums[0].yy, sums[1].yy) and sums[1].count.item() == 96 * 4
+    kept_bytes = 96 * channels * 4 * 4  # float32 at 4 positions
+    assert teacher_cache_fits(teacher, [target], CONTRACT, 96, limit=kept_bytes, positions=4)
+    assert not teacher_cache_fits(teacher, [target], CONTRACT, 96, limit=kept_bytes)
+
+
+def test_float32_products_under_the_default_ridge_give_the_float64_objective():
+    """Each batch's products in float32 (the default damping's ``products_dtype``), summed in float64: conv2's
+    refit reaches the objective of float64 products to 1e-6 relative, and plain least squares stays float64."""
+    teacher, data = _teacher(), _data()
+    batches = torch.utils.data.DataLoader(data, batch_size=32)
+    ctx = Context(0, 1, torch.device("cpu"))
+    target = RefitTarget("conv2", "pair", "bn")
+    assert products_dtype(DEFAULT_REFIT_DAMPING) is None and products_dtype(0.0) == torch.float64
+    reports = {}
+    for dtype in (None, torch.float64):
+        model = copy.deepcopy(teacher)
+        _random_pair(model, "conv2", 2)
+        sums = layer_sums(model, teacher, target, batches, ctx, max_rows=0, dtype=dtype)
+        assert sums.xx.dtype == torch.float64
+        reports[dtype] = refit_one(model, target, sums, DEFAULT_REFIT_DAMPING, rounds=2)
+    single, double = reports[None], reports[torch.float64]
+    assert single.objective == pytest.approx(double.objective, rel=1e-6)
+    assert single.error_after == pytest.approx(double.error_after, rel=1e-6) and double.error_after < 0.5
 
 
 @pytest.mark.parametrize("conv", [dict(), dict(padding=1), dict(stride=2, padding=(2, 1)), dict(dilation=2, padding=1),
@@ -297,9 +340,9 @@ def test_conv_rows_are_unfold_order_patches_with_a_one(conv):
         y = layer(x)
     xs, ys = _rows(layer, x, y)
     expected = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
-    assert torch.equal(xs[:, :-1], expected.reshape(-1, xs.shape[1] - 1).double())
-    assert torch.equal(xs[:, -1], torch.ones(len(xs), dtype=torch.float64))
-    w = torch.cat([layer.weight.reshape(5, -1), layer.bias[:, None]], 1).double().detach()
+    assert xs.dtype == x.dtype and torch.equal(xs[:, :-1], expected.reshape(-1, xs.shape[1] - 1))
+    assert torch.equal(xs[:, -1], torch.ones(len(xs)))
+    w = torch.cat([layer.weight.reshape(5, -1), layer.bias[:, None]], 1).detach()
     assert torch.allclose(xs @ w.T, ys, atol=1e-5)
 
 
@@ -316,9 +359,10 @@ def test_sampled_positions_reach_the_exact_solution_and_do_not_depend_on_the_bat
     target = RefitTarget("conv2", "pair", "bn")
     ctx = Context(0, 1, torch.device("cpu"))
 
-    def sums(batch_size, positions, seed=0):
+    def sums(batch_size, positions, seed=0):  # float64 products: other batch boundaries then round alike
         batches = torch.utils.data.DataLoader(data, batch_size=batch_size)
-        return layer_sums(model, teacher, target, batches, ctx, max_rows=0, positions=positions, seed=seed)
+        return layer_sums(model, teacher, target, batches, ctx, max_rows=0, positions=positions, seed=seed,
+                          dtype=torch.float64)
 
     few, few_other_batches = sums(96, 4), sums(7, 4)
     assert few.count.item() == 96 * 4

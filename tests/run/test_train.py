@@ -55,6 +55,25 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
     assert lr_at(0, 5, 0.1, 0) == pytest.approx(0.1)
 
 
+def test_default_warm_up_starts_adamw_at_a_tenth_of_the_peak_or_less(mnist_ckpt, tmp_path, monkeypatch):
+    """``rankcut finetune`` with the default schedule (50 steps here, 62 in a mnist5k epoch): AdamW's first steps
+    move every weight by about the rate, so the rates it steps with climb from a tenth of ``--lr`` over a fifth."""
+    from rankcut.run import train
+
+    rates = []
+
+    def recording_optimizer(model, cfg):
+        optimizer = make_optimizer(model, cfg)
+        optimizer.register_step_pre_hook(lambda o, *_: rates.append(o.param_groups[0]["lr"]))
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", recording_optimizer)
+    rankcut("finetune", mnist_ckpt, "--data", "synthetic:100", "-b", "2", "--lr", "1e-3", "--device", "cpu",
+            "-o", tmp_path / "out.safetensors")
+    assert len(rates) == 50
+    assert rates[:11] == pytest.approx([1e-4 * (i + 1) for i in range(10)] + [1e-3])
+
+
 def test_distillation_loss_blends_cross_entropy_and_scaled_kl():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
@@ -110,7 +129,9 @@ def test_one_epoch_from_scratch_reaches_90_percent_on_held_out_digits(trained):
     assert result["top1"] >= 0.90, f"top-1 {result['top1']:.3f} after one epoch"
     entry = read_meta(trained).history[-1]
     assert entry["command"] == "finetune" and entry["epochs"] == 1 and entry["lr"] == 2e-3
-    assert entry["data"] == "mnist5k:train" and entry["samples"] == 4000 and entry["acc"] > 0.8
+    # acc is the running training accuracy over the whole epoch, its first fifth warming up (0.78; 0.82 with a 5%
+    # warm-up, and held-out top-1 94.6% against 94.4%)
+    assert entry["data"] == "mnist5k:train" and entry["samples"] == 4000 and entry["acc"] > 0.75
 
 
 @pytest.mark.slow
