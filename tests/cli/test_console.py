@@ -96,7 +96,7 @@ def test_finetune_summary_shows_the_peak_lr_and_the_schedule(run_cli, mnist_ckpt
     out = run_cli(["finetune", mnist_ckpt, "--data", "synthetic:32", "-b", "8", "--lr", "0.0123", "--device", "cpu",
                    "-o", tmp_path / "t.safetensors"]).stdout
     shown = " ".join(out.split())
-    assert "adamw, lr peak 0.0123: linear warm-up over the first 5% of steps, then cosine decay to 0" in shown, out
+    assert "adamw, lr peak 0.0123: linear warm-up over the first 20% of steps, then cosine decay to 0" in shown, out
     header = next(line for line in out.splitlines() if "epoch" in line and "loss" in line)
     assert " lr " not in header, out  # no column of the last, decayed rate
 
