@@ -191,6 +191,16 @@ def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return windows.permute(0, 2, 3, 1, 4, 5)
 
 
+def _pixel_rows(y: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """A conv output (N x C x H x W) as rows of C, sample i's position p at row i * H W + p; only the rows
+    ``chosen`` (gathered, nothing else copied) when given."""
+    flat = y.flatten(2)
+    if chosen is None:
+        return flat.transpose(1, 2).reshape(-1, y.shape[1])
+    per = flat.shape[2]
+    return flat[chosen // per, :, chosen % per]
+
+
 @dataclass(frozen=True)
 class SampledRows:
     """A conv output kept only at the rows ``sampled_rows`` draws (``per``: its positions per sample)."""
@@ -215,18 +225,14 @@ def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor | SampledRows,
     else:
         inputs = _patches(layer, x)
         per, width = inputs.shape[1] * inputs.shape[2], inputs.shape[2]
-        if isinstance(y, SampledRows):
-            teacher_per, out = y.per, y.rows
-        else:
-            teacher_per = y[0, 0].numel()
-            out = y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
+        teacher_per = y.per if isinstance(y, SampledRows) else y[0, 0].numel()
         if teacher_per != per:
             raise RankcutError(f"the teacher's output has {teacher_per} positions where this layer computes {per}: "
                                f"the teacher takes other input")
         chosen = None if keep is None else keep(per)
+        out = y.rows if isinstance(y, SampledRows) else _pixel_rows(y, chosen)
         if chosen is not None:  # sample i's position p is row i * per + p, at (h, w) = divmod(p, W')
             inputs = inputs[chosen // per, (chosen % per) // width, chosen % width]
-            out = out if isinstance(y, SampledRows) else out[chosen]
     rows = torch.empty(len(out), layer.weight[0].numel() + 1, dtype=x.dtype, device=x.device)
     rows[:, :-1].view(inputs.shape).copy_(inputs)  # one strided copy, no patch matrix in between
     rows[:, -1] = 1
@@ -357,8 +363,7 @@ def teacher_outputs(teacher: nn.Module, targets: list[RefitTarget], batches, ctx
             if chosen is None:
                 out[name] = y.detach().clone()  # what follows may work in place
             else:
-                rows = y.detach().reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
-                out[name] = SampledRows(rows[chosen], per)
+                out[name] = SampledRows(_pixel_rows(y.detach(), chosen), per)  # a gather: a copy of its own
             if len(out) == len(captures):
                 raise _Stop
         return hook

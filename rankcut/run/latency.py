@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +65,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters, and their d
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 
 
+@functools.cache
+def _mallopt():
+    """glibc's ``mallopt`` from the process's own symbols (None where the C library has none)."""
+    return getattr(ctypes.CDLL(None), "mallopt", None)
+
+
 @contextlib.contextmanager
 def kept_heap() -> Iterator[bool]:
     """Time with glibc keeping freed memory in the process; yield whether it could (not glibc: False).
@@ -78,8 +84,7 @@ def kept_heap() -> Iterator[bool]:
     (which a deployment removes with jemalloc or tcmalloc). Afterwards the two settings return to glibc's
     defaults; the dynamic mmap threshold stays off for the rest of the process.
     """
-    name = ctypes.util.find_library("c") or ""
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name.startswith("libc.so") else None
+    mallopt = _mallopt()
     if mallopt is None:
         yield False
         return
@@ -169,7 +174,7 @@ def _rounds(runners: list[Runner], passes: int, rounds: int | None, max_seconds:
     return times, cpu, done
 
 
-def alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int = 3, round_seconds: float = 0.05,
+def _alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int = 3, round_seconds: float = 0.05,
               max_passes: int = 20, max_seconds: float = 20.0, min_rounds: int = 10) -> Passes:
     """Time ``runners`` in alternating rounds and return every pass's wall and CPU time.
 
@@ -179,22 +184,18 @@ def alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int =
     to pass j of the others. Rounds go on until ``max_seconds`` have been spent (at least ``min_rounds``; at
     most ``rounds`` if given).
     """
-    if not runners:
-        raise RankcutError("nothing to time")
     with kept_heap() as kept:
         passes = _passes_per_round(runners, warmup, round_seconds, max_passes)
         times, cpu, done = _rounds(runners, passes, rounds, max_seconds, min_rounds)
     return Passes(times, cpu, done, passes, kept)
 
 
-def summarize(passes: Passes, reference: int = 0) -> list[Timing]:
+def _summarize(passes: Passes, reference: int = 0) -> list[Timing]:
     """Per model the median pass time and the median ratio to ``reference`` over the pairs of passes.
 
     The ratio is the median of the pairs' ratios, the interval their 25-75% quantiles: a burst of load mostly
     spoils single pairs, in either direction, which the median ignores.
     """
-    if not 0 <= reference < len(passes.wall):
-        raise RankcutError(f"reference index {reference} out of range")
     ref, ref_cpu = np.array(passes.wall[reference]), np.maximum(np.array(passes.cpu[reference]), 1e-9)
     out = []
     for t, c in zip(passes.wall, passes.cpu):
@@ -208,8 +209,8 @@ def summarize(passes: Passes, reference: int = 0) -> list[Timing]:
 
 
 def compare(runners: list[Runner], *, reference: int = 0, **options) -> list[Timing]:
-    """Time ``runners`` in alternating rounds (``alternate``); per model the median time and the median ratio
-    to ``reference`` (``summarize``).
+    """Time ``runners`` in alternating rounds (``_alternate``); per model the median time and the median ratio
+    to ``reference`` (``_summarize``).
 
     The duration matters more than the count of rounds: on a shared machine the neighbours' use of the caches
     and memory changes over tens of seconds and slows a memory-bound model more than a compute-bound one (the
@@ -220,7 +221,7 @@ def compare(runners: list[Runner], *, reference: int = 0, **options) -> list[Tim
     """
     if not 0 <= reference < len(runners):
         raise RankcutError("nothing to time" if not runners else f"reference index {reference} out of range")
-    return summarize(alternate(runners, **options), reference)
+    return _summarize(_alternate(runners, **options), reference)
 
 
 RUNTIMES = ("torch", "onnxruntime")
