@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from rankcut.cli.signals import exit_while_starting, unwind_on_signals
+from rankcut.cli.signals import exit_at_once
 
 
 def main() -> None:
     """Console-script entry point."""
-    exit_while_starting()
+    exit_at_once()  # each command unwinds instead while it runs (``cli.errors.one_line_errors``)
     from rankcut.cli.commands import app
 
-    unwind_on_signals()
     app()
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import typer
 
-from rankcut.cli.signals import Terminated
+from rankcut.cli.signals import Terminated, interrupted_line, unwinding
 from rankcut.errors import RankcutError, RankcutWarning, one_line
 from rankcut.files.fileio import written
 
@@ -39,12 +39,11 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         before = len(written())  # in-process callers (tests, notebooks) run many commands
         try:
-            with _warnings_as_lines():
+            with unwinding(), _warnings_as_lines():
                 return fn(*args, **kwargs)
         except KeyboardInterrupt as e:
-            done = written()[before:]
             what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-            _say(f"error: {what}; {', '.join(done) + ' had already been written' if done else 'no output was written'}")
+            _say(interrupted_line(what, written()[before:]))
             raise typer.Exit(code) from None
         except Exception as e:
             message = _user_error(e)

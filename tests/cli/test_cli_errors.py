@@ -78,3 +78,25 @@ def test_interrupt_after_the_write_says_so(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["init", "-a", "rankcut:mnist-cnn", "-o", str(tmp_path / "x.safetensors")])
     # The next command in the same process reports its own writes only.
     assert result.exit_code == 130 and result.stderr.splitlines() == ["error: interrupted; no output was written"]
+
+
+def test_a_command_unwinds_on_sigterm_and_gives_the_callers_handlers_back(tmp_path, monkeypatch):
+    """In-process callers (tests, notebooks) keep their own handlers; inside, SIGTERM unwinds as ``terminated``."""
+    import signal
+
+    import rankcut.cli.init
+
+    def mine(signum, frame):
+        raise AssertionError("the caller's handler ran inside the command")
+
+    def terminated_while_saving(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(rankcut.cli.init, "save", terminated_while_saving)
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        result = CliRunner().invoke(app, ["init", "-a", "rankcut:mnist-cnn", "-o", str(tmp_path / "m.safetensors")])
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 143 and result.stderr.splitlines() == ["error: terminated; no output was written"]

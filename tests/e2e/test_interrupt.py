@@ -257,3 +257,38 @@ def test_signal_while_starting(inputs, tmp_path, sig):
     word, code = ("interrupted", 130) if sig == signal.SIGINT else ("terminated", 143)
     assert (proc.returncode, err.splitlines()) == (code, [f"error: {word}; no output was written"])
     assert list(tmp_path.iterdir()) == []
+
+
+# Test instrumentation only: Ctrl-C delivered outside the command, where Typer would catch it (exit 130, silent).
+OUTSIDE = """
+import functools, os, signal, sys
+from rankcut.cli.commands import app
+def interrupt():
+    os.kill(os.getpid(), signal.SIGINT)
+if sys.argv.pop(1) == "parsing":  # a callback of the whole application runs before the command's own
+    app.callback()(interrupt)
+else:  # right after the command returned
+    info = next(c for c in app.registered_commands if c.name == sys.argv[1])
+    command = info.callback
+    @functools.wraps(command)
+    def then_interrupt(*args, **kwargs):
+        command(*args, **kwargs)
+        interrupt()
+    info.callback = then_interrupt
+sys.argv[0] = "rankcut"
+from rankcut.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("moment", ["parsing", "finished"])
+@pytest.mark.timeout(180)
+def test_ctrl_c_outside_the_command_says_what_was_written(inputs, tmp_path, moment):
+    """Ctrl-C while Typer parses, or after the command returned: exit 130 with the one line, not silently."""
+    args, suffix = _commands(inputs)["project"]
+    out = tmp_path / f"out{suffix}"
+    proc = subprocess.run([sys.executable, "-c", OUTSIDE, moment, *args, "-o", str(out)], capture_output=True,
+                          text=True, env=_environment(), cwd=tmp_path, timeout=170)
+    want = f"{out} had already been written" if moment == "finished" else "no output was written"
+    assert (proc.returncode, proc.stderr.splitlines()[-1:]) == (130, [f"error: interrupted; {want}"]), proc.stderr
+    assert out.exists() == (moment == "finished") and _temporaries(tmp_path) == []
