@@ -64,7 +64,7 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores {cpu}{gpu}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{torch.get_num_threads()} threads by default (a table that fixes its threads says so)")
 
 
 TABLES: list[tuple[Table, str]] = []  # (table, machine line) for every table shown in this process

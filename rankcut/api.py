@@ -701,7 +701,8 @@ class SweepConfig:
 
         The later options appear only when used, so a cache written before they existed stays valid.
         """
-        timing = {"threads": self.eval.threads, "runtime": self.eval.runtime}
+        timing = {"threads": self.eval.threads, "runtime": self.eval.runtime,
+                  **({"seconds": self.eval.seconds} if self.eval.seconds != EvalConfig.seconds else {})}
         return {"seed": self.seed, "damping": self.damping, "layers": self.layers and list(self.layers),
                 "exclude": self.exclude and list(self.exclude), "batch_size": self.eval.batch_size,
                 **({"per_layer": True} if self.per_layer else {}),

@@ -11,7 +11,7 @@ from torch import nn
 from rankcut import dist
 from rankcut.api import EvalConfig, evaluate
 from rankcut.cli.console import Reporter
-from rankcut.cli.options import BatchSize, Data, Device, Json, Quiet, Samples, Seed, Workers
+from rankcut.cli.options import BatchSize, Data, Device, Json, LatencySeconds, Quiet, Samples, Seed, Workers
 from rankcut.files.checkpoint import load_with_meta
 from rankcut.run.data import open_data, subset
 from rankcut.run.evaluate import check_dataset_labels, check_peer, output_classes
@@ -58,9 +58,7 @@ def evaluate_command(
         "CPU time (robust to other load with --threads 1)."))] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads while timing (default: as now).")] = None,
     runtime: Annotated[str, typer.Option("--runtime", help=f"Runtime to time with --latency: {', '.join(RUNTIMES)}.")] = "torch",
-    seconds: Annotated[float, typer.Option("--seconds", help=(
-        "How long --latency times (at least 10 rounds): the neighbours on a shared machine change the ratio "
-        "itself over tens of seconds, so a longer comparison is a steadier one."))] = 20.0,
+    seconds: LatencySeconds = EvalConfig.seconds,
     samples: Samples = None,
     batch_size: BatchSize = 64,
     workers: Workers = 0,

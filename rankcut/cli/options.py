@@ -37,3 +37,6 @@ Structure = Annotated[str, typer.Option("--structure", help=(
     "consumer by least squares (stats --structure channels gathers the statistics it needs); project also takes "
     "auto: each layer whole, a fisher pair or channel-pruned, chosen jointly under --macs/--params (statistics "
     "with --grad kl --structure channels)."))]
+LatencySeconds = Annotated[float, typer.Option("--seconds", help=(
+    "How long each latency comparison lasts (at least 10 rounds): the neighbours on a shared machine change the "
+    "ratio itself over tens of seconds, so a longer comparison is a steadier one."))]

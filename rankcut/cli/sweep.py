@@ -12,7 +12,7 @@ from rankcut import dist
 from rankcut.api import COSTS, EvalConfig, SweepConfig, sweep as run_sweep
 from rankcut.cli.console import JSON_VERSION, Reporter
 from rankcut.cli.options import (BatchSize, Checkpoint, Data, Device, Exclude, Force, Json, Layers, Output, Quiet,
-                                 Samples, Seed, Workers)
+                                 LatencySeconds, Samples, Seed, Workers)
 from rankcut.errors import RankcutError
 from rankcut.files.checkpoint import load_with_meta
 from rankcut.files.fileio import check_output
@@ -66,6 +66,7 @@ def sweep(
         "passes, median of pairwise ratios): a latency column, and a second frontier plot."))] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help=(
         "CPU threads while timing (--measure-latency; default: as now)."), show_default=False)] = None,
+    seconds: LatencySeconds = EvalConfig.seconds,
     cost: Annotated[str, typer.Option("--cost", help=(
         f"What the Pareto marks and the recommendation count as cost: {' or '.join(COSTS)} (the measured ratio; "
         "needs --measure-latency)."))] = "macs",
@@ -122,13 +123,13 @@ def sweep(
                          budgets=budgets, within=within, damping=damping, seed=seed,
                          layers=tuple(layers) if layers else None, exclude=tuple(exclude) if exclude else None,
                          eval=EvalConfig(batch_size=batch_size, workers=workers, latency=measure_latency,
-                                         threads=threads),
+                                         threads=threads, seconds=seconds),
                          per_layer=per_layer, refit=refit, refit_samples=refit_samples,
                          finetune_epochs=finetune_epochs, cost=cost)
     inputs = [checkpoint, stats_path, data, profile_path, train_data]
     check_output(output, inputs, force)
-    if threads is not None and not measure_latency:
-        raise RankcutError("--threads fixes the threads of --measure-latency's timing; add --measure-latency")
+    if not measure_latency and (threads is not None or seconds != EvalConfig.seconds):
+        raise RankcutError("--threads and --seconds set --measure-latency's timing; add --measure-latency")
     if latency is not None and profile_path is None:
         raise RankcutError(f"--latency needs --profile P.json (make one with: rankcut profile {checkpoint} -o P.json)")
     if config.trains and train_data is None:

@@ -369,6 +369,23 @@ def test_measured_latency_is_recorded_and_can_be_the_cost(tmp_path, mnist_ckpt, 
     assert "latency" in run_cli(args).stdout.splitlines()[2]  # the table's header
 
 
+def test_seconds_sets_how_long_each_point_is_timed_and_enters_the_cache_fingerprint(tmp_path, mnist_ckpt, run_cli,
+                                                                                   quick_timing, monkeypatch):
+    timed = []
+    compare = sweep_module.compare_runtime
+
+    def recorded(*args, **kwargs):
+        timed.append(kwargs["max_seconds"])
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "compare_runtime", recorded)
+    args = ["sweep", mnist_ckpt, "--data", DATA, "--methods", "svd", *CONV2, "--keep", "0.5,0.25", "--measure-latency",
+            "--threads", "1", "-b", "8", *CPU, "-o", tmp_path / "sw.json", "--json"]
+    assert run_cli(args).data["computed"] == 2 and timed == [20.0, 20.0]
+    assert run_cli([*args, "--seconds", "3"]).data["computed"] == 2 and timed[2:] == [3.0, 3.0]
+    assert run_cli([*args, "--seconds", "3"]).data["computed"] == 0 and len(timed) == 4
+
+
 @pytest.mark.parametrize("args, message", [
     (["--latency", "0.5"], "--latency needs --profile"),
     (["--keep", "0.5", "--cost", "latency"], "--cost latency ranks points by their measured latency"),
@@ -379,6 +396,8 @@ def test_measured_latency_is_recorded_and_can_be_the_cost(tmp_path, mnist_ckpt, 
     (["--keep", "0.5", "--finetune-epochs", "-1"], "--finetune-epochs must be 0 or more"),
     (["--keep", "0.5", "--plot", "f.htm"], "--plot writes .png, .svg or .html"),
     (["--keep", "0.5", "--threads", "1"], "add --measure-latency"),
+    (["--keep", "0.5", "--seconds", "5"], "add --measure-latency"),
+    (["--keep", "0.5", "--measure-latency", "--seconds", "0"], "--seconds must be a positive number"),
     (["--keep", "0.5", "--measure-latency", "--threads", "0"], "--threads must be at least 1"),
 ])
 def test_sweep_refusals_of_the_new_options(tmp_path, mnist_ckpt, run_cli, monkeypatch, args, message):
