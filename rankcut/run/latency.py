@@ -126,6 +126,7 @@ class Timing:
     rounds: int
     passes: int          # passes per round
     repeats: int         # passes timed in all
+    warmup: int          # untimed passes of each model first
     heap_kept: bool      # freed memory kept in the process while timing (``kept_heap``)
 
 
@@ -137,6 +138,7 @@ class Passes:
     cpu: list[list[float]]
     rounds: int
     passes: int  # passes per round
+    warmup: int  # untimed passes of each model before the rounds
     heap_kept: bool  # timed with freed memory kept in the process (``kept_heap``)
 
 
@@ -187,7 +189,7 @@ def _alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int 
     with kept_heap() as kept:
         passes = _passes_per_round(runners, warmup, round_seconds, max_passes)
         times, cpu, done = _rounds(runners, passes, rounds, max_seconds, min_rounds)
-    return Passes(times, cpu, done, passes, kept)
+    return Passes(times, cpu, done, passes, max(warmup, 1), kept)
 
 
 def _summarize(passes: Passes, reference: int = 0) -> list[Timing]:
@@ -204,7 +206,7 @@ def _summarize(passes: Passes, reference: int = 0) -> list[Timing]:
         out.append(Timing(float(np.median(t) * 1e3), (float(np.quantile(t, 0.25) * 1e3), float(np.quantile(t, 0.75) * 1e3)),
                           float(np.median(ratios)), float(np.quantile(ratios, 0.25)), float(np.quantile(ratios, 0.75)),
                           float(np.median(np.maximum(np.array(c), 1e-9) / ref_cpu)), passes.rounds, passes.passes,
-                          len(t), passes.heap_kept))
+                          len(t), passes.warmup, passes.heap_kept))
     return out
 
 
@@ -277,5 +279,6 @@ def figures(t: Timing, batch_size: int, threads: int, runtime: str) -> dict:
     return {"batch_size": batch_size, "batch_ms": t.batch_ms, "image_ms": t.batch_ms / batch_size,
             "repeats": t.repeats, "ratio": t.ratio, "ratio_q25": t.ratio_q25, "ratio_q75": t.ratio_q75,
             "cpu_ratio": t.cpu_ratio,
-            "spread_ms": list(t.spread_ms), "rounds": t.rounds, "passes": t.passes, "heap_kept": t.heap_kept, "threads": threads, "runtime": runtime}
+            "spread_ms": list(t.spread_ms), "rounds": t.rounds, "passes": t.passes, "warmup": t.warmup,
+            "heap_kept": t.heap_kept, "threads": threads, "runtime": runtime}
 

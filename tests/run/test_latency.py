@@ -93,13 +93,13 @@ def test_pinned_threads_refuses_zero():
             pass
 
 
-def test_eval_latency_reports_interval_threads_and_rounds(mnist_ckpt):
+def test_eval_latency_reports_interval_threads_rounds_and_warmup(mnist_ckpt):
     result = rankcut("eval", mnist_ckpt, "--data", "synthetic:8", "--reference", mnist_ckpt, "--latency", "-b", "2",
                      "--threads", "1", "--seconds", "0.5", "--device", "cpu", "--json")["results"][0]
     lat, ref = result["latency"], result["reference"]["latency"]
     assert lat["threads"] == ref["threads"] == 1 and lat["runtime"] == "torch" and lat["heap_kept"] is True
     assert ref["ratio"] == 1.0 and result["ratios"]["latency"] == lat["ratio"]
-    assert lat["ratio_q25"] <= lat["ratio"] <= lat["ratio_q75"] and lat["rounds"] >= 10
+    assert lat["ratio_q25"] <= lat["ratio"] <= lat["ratio_q75"] and lat["rounds"] >= 10 and lat["warmup"] == 3
     assert 0.5 < lat["ratio"] < 2, f"the same model twice measured {lat['ratio']:.3f}x"
 
 
