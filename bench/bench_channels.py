@@ -12,7 +12,7 @@ rankcut ``--method fisher --macs F`` (pairs), ``--structure channels --macs F`` 
 --method fisher --macs F``. Every model then gets the same 1-epoch fine-tune (``run.train.fit``, what
 ``rankcut finetune`` runs) and is evaluated on mnist5k:test (``run.evaluate``, what ``rankcut eval`` runs).
 Latency: the project's pairwise comparison (``run.latency.compare_models``: the model and the original
-alternate pass by pass, the median of the pairwise ratios), CPU, ``--threads`` threads (2 by default; on a
+alternate in short rounds, the median of the pairwise ratios), CPU, ``--threads`` threads (2 by default; on a
 machine with more runnable threads than cores use 1: see ``bench_channel_latency.py``), batch 1 and 32.
 
 Rows are kept in ``DIR/ARCH/rows.json`` as they are made; a rerun with the same ``--out`` reuses the trained

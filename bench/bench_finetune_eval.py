@@ -48,7 +48,7 @@ def halved(model: torch.nn.Module, meta: CheckpointMeta) -> torch.nn.Module:
 def paired_latency(a: torch.nn.Module, b: torch.nn.Module, meta: CheckpointMeta, batch: int,
                    rounds: int = 7) -> tuple[float, float, float]:
     """Median latency of ``a`` and ``b`` and the median of their pairwise ratios (``run.latency.compare_models``:
-    the two take turns pass by pass, so load from other processes hits both alike), over at least ``rounds``."""
+    the two take turns in short rounds, so load from other processes hits both alike), over at least ``rounds``."""
     fa, fb = compare_models([a, b], meta.input, batch, torch.device("cpu"), min_rounds=rounds)
     return fa["batch_ms"], fb["batch_ms"], fb["ratio"]
 

@@ -7,7 +7,7 @@ For ``rankcut:mnist-cnn`` (trained on mnist5k:train, top-1 on mnist5k:test) and 
 3x224x224 (untrained: latency does not depend on the weights), at each batch size and runtime: ``rankcut
 profile`` on this machine (pairs and channel chains), then ``--latency 0.5 --profile P`` and ``--macs 0.5``
 for pairs (``--method svd``) and channels (statistics from ``stats --structure channels``), then one ``rankcut
-eval --latency`` in a fresh process timing all four against the original (models alternated pass by pass;
+eval --latency`` in a fresh process timing all four against the original (models alternated in rounds;
 the ratio is the median of pairwise ratios, with its 25-75% quantiles and the CPU-time ratio). "predicted"
 is the profile's own cost model; "load" the 1-minute load average just before the timing.
 

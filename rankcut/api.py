@@ -499,7 +499,7 @@ def evaluate(models: list[nn.Module], contract: InputContract, dataset: Dataset,
     """Accuracy, loss, size and cost of each model (and latency with ``config.latency``), in one data pass.
 
     With a ``reference``, each entry also has the reference's figures under ``"reference"`` and the
-    ``"ratios"`` of MACs, parameters (and latency) to it. Latencies are timed pass by pass in turns, and a
+    ``"ratios"`` of MACs, parameters (and latency) to it. Latencies are timed in turns, in short rounds, and a
     latency ratio is the median of pairwise ratios to the reference (else the first model), so load from other
     processes hits all of them alike.
     """

@@ -2,12 +2,18 @@
 
 Load from other processes comes and goes in bursts of seconds. Timing model A for ten seconds and then
 model B for ten seconds lets a burst land on one of them only, so their separate medians can disagree by
-a factor of two from run to run. Here the models take turns pass by pass (the order reversed every pass, so
-a slow drift hits all alike), in short rounds, and the figure of merit is the median of each model's pass
-time *divided by the reference model's pass next to it*: load that lasts longer than two passes slows both
-sides of a ratio, and a short burst spoils single pairs in either direction, which the median ignores. The
-interval is the 25-75% quantiles of those pairwise ratios (the spread between pairs, not a confidence
-interval of the median).
+a factor of two from run to run. Here the models take turns in short rounds (about 0.05 s of passes per
+model, the order reversed every round, so a slow drift hits all alike), and the figure of merit is the median
+of each model's pass time *divided by the reference model's pass in the same round*: load that lasts longer
+than a round slows both sides of a ratio, and a short burst spoils single pairs in either direction, which the
+median ignores. The interval is the 25-75% quantiles of those pairwise ratios (the spread between pairs, not a
+confidence interval of the median).
+
+Within its turn a model runs its passes back to back, after one untimed pass, as a deployed model runs: the
+first pass after another model finds the caches full of that model's weights and activations. Taking turns
+pass by pass instead timed every pass cold, which is not what a deployer sees and made a ratio depend on how
+many models were compared (mnist-cnn in onnxruntime at batch 1, one thread: 0.51 beside the original alone,
+0.60 among seven models, whose weights together overflow the 32 MiB L3; back to back: 0.501 and 0.504).
 
 On a machine with more runnable threads than cores, though, nearly every pass is preempted, and wall
 times carry the scheduler's noise whatever the statistic. So each pass is also timed in the process's CPU
@@ -115,7 +121,7 @@ def random_input(contract: InputContract, batch_size: int, device: torch.device)
 
 @dataclass
 class Timing:
-    """One model's figures from an alternating comparison; ratios are to the reference model, pass by pass."""
+    """One model's figures from an alternating comparison; ratios are to the reference model's passes, round by round."""
 
     batch_ms: float      # median time of one pass
     spread_ms: tuple[float, float]  # 25% and 75% quantiles of the pass times
@@ -157,15 +163,20 @@ def _passes_per_round(runners: list[Runner], warmup: int, round_seconds: float, 
 
 def _rounds(runners: list[Runner], passes: int, rounds: int | None, max_seconds: float,
             min_rounds: int) -> tuple[list[list[float]], list[list[float]], int]:
-    """The timed rounds: per model its wall and CPU time per pass, and the rounds done."""
+    """The timed rounds: per model its wall and CPU time per pass, and the rounds done.
+
+    In a round each model runs its ``passes`` back to back, after one untimed pass when there are several (the
+    first after another model runs with cold caches); the models' order is reversed every round.
+    """
     times: list[list[float]] = [[] for _ in runners]
     cpu: list[list[float]] = [[] for _ in runners]
     began = time.perf_counter()
     done = 0
     while rounds is None or done < rounds:
-        for p in range(passes):
-            order = range(len(runners)) if (done + p) % 2 == 0 else reversed(range(len(runners)))
-            for i in order:
+        for i in range(len(runners)) if done % 2 == 0 else reversed(range(len(runners))):
+            if passes > 1:
+                runners[i]()
+            for _ in range(passes):
                 start, start_cpu = time.perf_counter(), time.process_time()
                 runners[i]()
                 times[i].append(time.perf_counter() - start)
@@ -181,10 +192,10 @@ def _alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int 
     """Time ``runners`` in alternating rounds and return every pass's wall and CPU time.
 
     Each runner first runs ``warmup`` times; the slowest model's median warm-up sets the passes per round so
-    that one model's share of a round lasts about ``round_seconds`` (1 to ``max_passes``). Within a round the
-    models take turns pass by pass, in an order reversed every pass, so pass j of every model was timed next
-    to pass j of the others. Rounds go on until ``max_seconds`` have been spent (at least ``min_rounds``; at
-    most ``rounds`` if given).
+    that one model's share of a round lasts about ``round_seconds`` (1 to ``max_passes``). Within a round each
+    model runs its passes back to back (``_rounds``), so pass j of every model in a round was timed within a
+    round's length of pass j of the others. Rounds go on until ``max_seconds`` have been spent (at least
+    ``min_rounds``; at most ``rounds`` if given).
     """
     with kept_heap() as kept:
         passes = _passes_per_round(runners, warmup, round_seconds, max_passes)

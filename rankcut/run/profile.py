@@ -145,7 +145,7 @@ def _part_times(model: nn.Module, x: torch.Tensor, parts: dict[str, tuple[nn.Mod
     """The whole model and every part alone, in one comparison: each part's median ratio to the whole, in ms.
 
     ``parts`` maps a name to (module, its input, calls per forward). Timing the parts as ratios to the whole,
-    pass by pass, keeps them under the same load as the whole (timed apart, a whole measured during a burst
+    round by round, keeps them under the same load as the whole (timed apart, a whole measured during a burst
     made resnet18's parts add up to 0.41-0.56 of it). A module called several times per forward counts that
     many times (on its first call's input).
     """
