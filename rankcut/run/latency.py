@@ -148,25 +148,31 @@ class Passes:
     heap_kept: bool  # timed with freed memory kept in the process (``kept_heap``)
 
 
-def _passes_per_round(runners: list[Runner], warmup: int, round_seconds: float, max_passes: int) -> int:
-    """Warm every runner up; as many passes as make the slowest model's share of a round ``round_seconds``."""
-    typical = 0.0
+# A pass this long refills every cache many times over (32 MiB of L3 from memory: a few ms), so the one
+# cold pass after another model's turn costs it under 1%; a shorter one gets an untimed pass first.
+SETTLE_BELOW_SECONDS = 0.5
+
+
+def _warm_up(runners: list[Runner], warmup: int) -> list[float]:
+    """Run every runner ``warmup`` times (at least once); each one's median pass time."""
+    typical = []
     for run in runners:
         warm = []
         for _ in range(max(warmup, 1)):
             start = time.perf_counter()
             run()
             warm.append(time.perf_counter() - start)
-        typical = max(typical, statistics.median(warm))
-    return int(min(max_passes, max(1, round_seconds // max(typical, 1e-9))))
+        typical.append(statistics.median(warm))
+    return typical
 
 
-def _rounds(runners: list[Runner], passes: int, rounds: int | None, max_seconds: float,
+def _rounds(runners: list[Runner], passes: int, settle: list[bool], rounds: int | None, max_seconds: float,
             min_rounds: int) -> tuple[list[list[float]], list[list[float]], int]:
     """The timed rounds: per model its wall and CPU time per pass, and the rounds done.
 
-    In a round each model runs its ``passes`` back to back, after one untimed pass when there are several (the
-    first after another model runs with cold caches); the models' order is reversed every round.
+    In a round each model runs its ``passes`` back to back, after one untimed pass where ``settle`` says so
+    (the first pass after another model's turn runs with the caches full of that model's weights); the
+    models' order is reversed every round.
     """
     times: list[list[float]] = [[] for _ in runners]
     cpu: list[list[float]] = [[] for _ in runners]
@@ -174,7 +180,7 @@ def _rounds(runners: list[Runner], passes: int, rounds: int | None, max_seconds:
     done = 0
     while rounds is None or done < rounds:
         for i in range(len(runners)) if done % 2 == 0 else reversed(range(len(runners))):
-            if passes > 1:
+            if settle[i]:
                 runners[i]()
             for _ in range(passes):
                 start, start_cpu = time.perf_counter(), time.process_time()
@@ -193,13 +199,16 @@ def _alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int 
 
     Each runner first runs ``warmup`` times; the slowest model's median warm-up sets the passes per round so
     that one model's share of a round lasts about ``round_seconds`` (1 to ``max_passes``). Within a round each
-    model runs its passes back to back (``_rounds``), so pass j of every model in a round was timed within a
-    round's length of pass j of the others. Rounds go on until ``max_seconds`` have been spent (at least
+    model runs its passes back to back (``_rounds``), after an untimed one if its passes are shorter than
+    ``SETTLE_BELOW_SECONDS``, so pass j of every model in a round was timed within a round's length of pass j
+    of the others. Rounds go on until ``max_seconds`` have been spent (at least
     ``min_rounds``; at most ``rounds`` if given).
     """
     with kept_heap() as kept:
-        passes = _passes_per_round(runners, warmup, round_seconds, max_passes)
-        times, cpu, done = _rounds(runners, passes, rounds, max_seconds, min_rounds)
+        typical = _warm_up(runners, warmup)
+        passes = int(min(max_passes, max(1, round_seconds // max(max(typical), 1e-9))))
+        settle = [t < SETTLE_BELOW_SECONDS for t in typical]
+        times, cpu, done = _rounds(runners, passes, settle, rounds, max_seconds, min_rounds)
     return Passes(times, cpu, done, passes, max(warmup, 1), kept)
 
 
