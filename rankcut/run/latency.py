@@ -167,26 +167,39 @@ def _warm_up(runners: list[Runner], warmup: int) -> list[float]:
 
 
 def _rounds(runners: list[Runner], passes: int, settle: list[bool], rounds: int | None, max_seconds: float,
-            min_rounds: int) -> tuple[list[list[float]], list[list[float]], int]:
+            min_rounds: int, pass_by_pass: bool) -> tuple[list[list[float]], list[list[float]], int]:
     """The timed rounds: per model its wall and CPU time per pass, and the rounds done.
 
     In a round each model runs its ``passes`` back to back, after one untimed pass where ``settle`` says so
     (the first pass after another model's turn runs with the caches full of that model's weights); the
-    models' order is reversed every round.
+    models' order is reversed every round. ``pass_by_pass``: the models take turns every pass instead (the
+    order reversed every pass, nothing untimed), so each pass runs with the caches full of the others'.
     """
     times: list[list[float]] = [[] for _ in runners]
     cpu: list[list[float]] = [[] for _ in runners]
+
+    def timed(i: int) -> None:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        runners[i]()
+        times[i].append(time.perf_counter() - start)
+        cpu[i].append(time.process_time() - start_cpu)
+
+    def order(k: int):
+        return range(len(runners)) if k % 2 == 0 else reversed(range(len(runners)))
+
     began = time.perf_counter()
     done = 0
     while rounds is None or done < rounds:
-        for i in range(len(runners)) if done % 2 == 0 else reversed(range(len(runners))):
-            if settle[i]:
-                runners[i]()
-            for _ in range(passes):
-                start, start_cpu = time.perf_counter(), time.process_time()
-                runners[i]()
-                times[i].append(time.perf_counter() - start)
-                cpu[i].append(time.process_time() - start_cpu)
+        if pass_by_pass:
+            for p in range(passes):
+                for i in order(done + p):
+                    timed(i)
+        else:
+            for i in order(done):
+                if settle[i]:
+                    runners[i]()
+                for _ in range(passes):
+                    timed(i)
         done += 1
         if done >= min_rounds and time.perf_counter() - began > max_seconds:
             break
@@ -194,7 +207,8 @@ def _rounds(runners: list[Runner], passes: int, settle: list[bool], rounds: int 
 
 
 def _alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int = 3, round_seconds: float = 0.05,
-              max_passes: int = 20, max_seconds: float = 20.0, min_rounds: int = 10) -> Passes:
+              max_passes: int = 20, max_seconds: float = 20.0, min_rounds: int = 10,
+              pass_by_pass: bool = False) -> Passes:
     """Time ``runners`` in alternating rounds and return every pass's wall and CPU time.
 
     Each runner first runs ``warmup`` times; the slowest model's median warm-up sets the passes per round so
@@ -202,13 +216,14 @@ def _alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int 
     model runs its passes back to back (``_rounds``), after an untimed one if its passes are shorter than
     ``SETTLE_BELOW_SECONDS``, so pass j of every model in a round was timed within a round's length of pass j
     of the others. Rounds go on until ``max_seconds`` have been spent (at least
-    ``min_rounds``; at most ``rounds`` if given).
+    ``min_rounds``; at most ``rounds`` if given). ``pass_by_pass`` times every pass with the caches full of
+    the other models' data, as a layer runs inside its network (``run.profile`` times parts so).
     """
     with kept_heap() as kept:
         typical = _warm_up(runners, warmup)
         passes = int(min(max_passes, max(1, round_seconds // max(max(typical), 1e-9))))
         settle = [t < SETTLE_BELOW_SECONDS for t in typical]
-        times, cpu, done = _rounds(runners, passes, settle, rounds, max_seconds, min_rounds)
+        times, cpu, done = _rounds(runners, passes, settle, rounds, max_seconds, min_rounds, pass_by_pass)
     return Passes(times, cpu, done, passes, max(warmup, 1), kept)
 
 

@@ -93,6 +93,10 @@ def test_each_model_is_timed_warm_however_many_are_compared(monkeypatch, others)
     assert timings[1].passes == 2 and timings[1].repeats == 12                         # needs both warm
     assert timings[1].ratio == pytest.approx(2.0) and timings[1].ratio_q25 == pytest.approx(2.0)
     assert timings[1].batch_ms == pytest.approx(2.0)
+    # pass by pass (how the profile times a layer, as it runs inside its network): b, never at the end of an
+    # order that reverses every pass, is timed cold every time
+    cold = compare(models, warmup=3, round_seconds=0.004, rounds=6, min_rounds=6, pass_by_pass=True)[1]
+    assert cold.batch_ms == pytest.approx(6.0 if others else 4.0)  # beside a alone, every other pass follows b
 
 
 def test_a_comparison_lasts_its_seconds_not_a_count_of_rounds():
