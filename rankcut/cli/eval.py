@@ -53,9 +53,9 @@ def evaluate_command(
     data: Data,
     reference: Annotated[Optional[str], typer.Option("--reference", "-r", help="Compare with this checkpoint (e.g. the uncompressed base).")] = None,
     latency: Annotated[bool, typer.Option("--latency", help=(
-        "Also time inference at --batch-size on --device: models take turns in short rounds, each running its passes back to back; the ratio to the "
-        "reference (else the first) is the median of pairwise ratios, with their 25-75% quantiles, and the same in "
-        "CPU time (robust to other load with --threads 1)."))] = False,
+        "Also time inference at --batch-size on --device: models take turns in short rounds, each running its "
+        "passes back to back; the ratio to the reference (else the first) is the median of pairwise ratios, with "
+        "their 25-75% quantiles, and the same in CPU time (robust to other load with --threads 1)."))] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads while timing (default: as now).")] = None,
     runtime: Annotated[str, typer.Option("--runtime", help=f"Runtime to time with --latency: {', '.join(RUNTIMES)}.")] = "torch",
     seconds: LatencySeconds = EvalConfig.seconds,

@@ -9,8 +9,8 @@ than a round slows both sides of a ratio, and a short burst spoils single pairs 
 median ignores. The interval is the 25-75% quantiles of those pairwise ratios (the spread between pairs, not a
 confidence interval of the median).
 
-Within its turn a model runs its passes back to back, after one untimed pass, as a deployed model runs: the
-first pass after another model finds the caches full of that model's weights and activations. Taking turns
+Within its turn a model runs its passes back to back, as a deployed model runs, after one untimed pass when
+its pass is short: the first pass after another model finds the caches full of that model's weights. Taking turns
 pass by pass instead timed every pass cold, which is not what a deployer sees and made a ratio depend on how
 many models were compared (mnist-cnn in onnxruntime at batch 1, one thread: 0.51 beside the original alone,
 0.60 among seven models, whose weights together overflow the 32 MiB L3; back to back: 0.501 and 0.504).
@@ -121,7 +121,7 @@ def random_input(contract: InputContract, batch_size: int, device: torch.device)
 
 @dataclass
 class Timing:
-    """One model's figures from an alternating comparison; ratios are to the reference model's passes, round by round."""
+    """One model's figures from an alternating comparison; ratios are to the reference's passes in each round."""
 
     batch_ms: float      # median time of one pass
     spread_ms: tuple[float, float]  # 25% and 75% quantiles of the pass times
@@ -154,11 +154,11 @@ SETTLE_BELOW_SECONDS = 0.5
 
 
 def _warm_up(runners: list[Runner], warmup: int) -> list[float]:
-    """Run every runner ``warmup`` times (at least once); each one's median pass time."""
+    """Run every runner ``warmup`` times; each one's median pass time."""
     typical = []
     for run in runners:
         warm = []
-        for _ in range(max(warmup, 1)):
+        for _ in range(warmup):
             start = time.perf_counter()
             run()
             warm.append(time.perf_counter() - start)
@@ -215,16 +215,17 @@ def _alternate(runners: list[Runner], *, rounds: int | None = None, warmup: int 
     that one model's share of a round lasts about ``round_seconds`` (1 to ``max_passes``). Within a round each
     model runs its passes back to back (``_rounds``), after an untimed one if its passes are shorter than
     ``SETTLE_BELOW_SECONDS``, so pass j of every model in a round was timed within a round's length of pass j
-    of the others. Rounds go on until ``max_seconds`` have been spent (at least
-    ``min_rounds``; at most ``rounds`` if given). ``pass_by_pass`` times every pass with the caches full of
-    the other models' data, as a layer runs inside its network (``run.profile`` times parts so).
+    of the others. Rounds go on until ``max_seconds`` have been spent (at least ``min_rounds``; at most
+    ``rounds`` if given). ``pass_by_pass`` times every pass with the caches full of the other models' data, as
+    a layer runs inside its network (``run.profile`` times parts so).
     """
+    warmup = max(warmup, 1)  # the first pass also sets the passes per round
     with kept_heap() as kept:
         typical = _warm_up(runners, warmup)
         passes = int(min(max_passes, max(1, round_seconds // max(max(typical), 1e-9))))
         settle = [t < SETTLE_BELOW_SECONDS for t in typical]
         times, cpu, done = _rounds(runners, passes, settle, rounds, max_seconds, min_rounds, pass_by_pass)
-    return Passes(times, cpu, done, passes, max(warmup, 1), kept)
+    return Passes(times, cpu, done, passes, warmup, kept)
 
 
 def _summarize(passes: Passes, reference: int = 0) -> list[Timing]:
